@@ -1,0 +1,582 @@
+//! The journal: every run's events, committed to redb and mirrored to JetStream
+//! (`baton.history.<run_id>`) before the caller is told they are durable.
+//!
+//! One writer task owns all writes and commits them in groups: whatever requests are
+//! waiting when a commit starts go into one redb transaction (one fsync), then their
+//! mirror messages are published to JetStream pipelined (one per run, chained with
+//! `Nats-Expected-Last-Subject-Sequence` so that a stale writer cannot append), and only
+//! then is each caller answered. Workflow-ID uniqueness is a compare-and-set inside that
+//! transaction: the first start of an ID wins, whatever the timing.
+//!
+//! Tables: `runs` (run_id -> [`RunRecord`]), `ids` (workflow_id -> run_id), `events`
+//! ((run_id, event id) -> [`Event`]), `open` (run_id -> 0, the runs to recover).
+
+use std::{collections::HashMap, path::Path, sync::Arc};
+
+use async_nats::{HeaderMap, jetstream::context::PublishAckFuture};
+use baton_transport::{codec, jetstream::Streams, subject};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::history::{Event, EventKind};
+
+const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
+const IDS: TableDefinition<&str, &str> = TableDefinition::new("ids");
+const EVENTS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("events");
+const OPEN: TableDefinition<&str, u8> = TableDefinition::new("open");
+
+/// Most requests committed in one transaction.
+const MAX_GROUP: usize = 512;
+
+/// Errors of the journal.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// redb failed (I/O error, disk full). Nothing of the failed group was acknowledged.
+    #[error("journal storage: {0}")]
+    Storage(String),
+    /// The JetStream mirror refused or did not answer. The events are in redb; the mirror
+    /// is repaired by [`Journal::reconcile_mirror`].
+    #[error("journal mirror: {0}")]
+    Mirror(String),
+    /// A stored record could not be decoded.
+    #[error("journal corrupt: {0}")]
+    Corrupt(String),
+    /// An append named a run the journal does not hold, or broke its numbering.
+    #[error("journal: {0}")]
+    Invalid(String),
+    /// The writer task has stopped.
+    #[error("journal closed")]
+    Closed,
+}
+
+fn storage(e: impl std::fmt::Display) -> Error {
+    Error::Storage(e.to_string())
+}
+
+/// A run's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Not closed yet.
+    Running,
+    /// Closed with an output.
+    Completed,
+    /// Closed with a failure.
+    Failed,
+}
+
+impl RunStatus {
+    /// The status as shown at the edge.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+        }
+    }
+}
+
+/// What the journal keeps of each run besides its events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The workflow ID.
+    pub workflow_id: String,
+    /// The run ID.
+    pub run_id: String,
+    /// The workflow type.
+    pub workflow_type: String,
+    /// Running or closed.
+    pub status: RunStatus,
+    /// Start time, Unix milliseconds.
+    pub started_ms: u64,
+    /// Close time, Unix milliseconds.
+    pub closed_ms: Option<u64>,
+    /// The id of the last event.
+    pub last_event_id: u32,
+}
+
+/// The result of a start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartOutcome {
+    /// The run was created and is durable.
+    Started,
+    /// The workflow ID already has this run; nothing was written.
+    Duplicate(RunRecord),
+}
+
+/// What the JetStream mirror carries per append.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MirrorBatch {
+    /// The workflow ID.
+    pub workflow_id: String,
+    /// The run ID.
+    pub run_id: String,
+    /// Consecutive events of the run.
+    pub events: Vec<Event>,
+}
+
+enum Request {
+    Start { record: RunRecord, event: Event, reply: oneshot::Sender<Result<StartOutcome, Error>> },
+    Append { run_id: String, events: Vec<Event>, reply: oneshot::Sender<Result<(), Error>> },
+}
+
+/// Handle on the journal. Cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    db: Arc<Database>,
+    tx: mpsc::Sender<Request>,
+    mirror: Option<Streams>,
+    chain: Arc<tokio::sync::Mutex<HashMap<String, u64>>>,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal file and starts its writer. With `mirror`, every
+    /// commit is also published to JetStream.
+    pub fn open(path: &Path, mirror: Option<Streams>) -> Result<Journal, Error> {
+        let db = Database::create(path).map_err(storage)?;
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            txn.open_table(RUNS).map_err(storage)?;
+            txn.open_table(IDS).map_err(storage)?;
+            txn.open_table(EVENTS).map_err(storage)?;
+            txn.open_table(OPEN).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        let (tx, rx) = mpsc::channel(4096);
+        let writer = Writer { db: Arc::new(db), mirror, chain: Arc::default() };
+        let journal = Journal {
+            db: writer.db.clone(),
+            tx,
+            mirror: writer.mirror.clone(),
+            chain: writer.chain.clone(),
+        };
+        tokio::spawn(writer.run(rx));
+        Ok(journal)
+    }
+
+    /// Creates a run unless its workflow ID already has one (compare-and-set).
+    pub async fn start(&self, record: RunRecord, event: Event) -> Result<StartOutcome, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Request::Start { record, event, reply }).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Appends events to a run; a close event closes it.
+    pub async fn append(&self, run_id: &str, events: Vec<Event>) -> Result<(), Error> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Append { run_id: run_id.into(), events, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// The current run of a workflow ID.
+    pub fn run_of(&self, workflow_id: &str) -> Result<Option<RunRecord>, Error> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let ids = txn.open_table(IDS).map_err(storage)?;
+        let Some(run_id) = ids.get(workflow_id).map_err(storage)? else {
+            return Ok(None);
+        };
+        let run_id = run_id.value().to_string();
+        let runs = txn.open_table(RUNS).map_err(storage)?;
+        read_run(&runs, &run_id)
+    }
+
+    /// A run by run ID.
+    pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>, Error> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let runs = txn.open_table(RUNS).map_err(storage)?;
+        read_run(&runs, run_id)
+    }
+
+    /// A run's events, in order.
+    pub fn history(&self, run_id: &str) -> Result<Vec<Event>, Error> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let events = txn.open_table(EVENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in events.range((run_id, 0)..=(run_id, u32::MAX)).map_err(storage)? {
+            let (_, v) = item.map_err(storage)?;
+            out.push(codec::decode::<Event>(v.value()).map_err(|e| Error::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// The runs not closed yet (to recover after a restart).
+    pub fn open_runs(&self) -> Result<Vec<RunRecord>, Error> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let open = txn.open_table(OPEN).map_err(storage)?;
+        let runs = txn.open_table(RUNS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in open.iter().map_err(storage)? {
+            let (k, _) = item.map_err(storage)?;
+            if let Some(r) = read_run(&runs, k.value())? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs, most recently started first, optionally of one status.
+    pub fn list(&self, status: Option<RunStatus>, limit: usize) -> Result<Vec<RunRecord>, Error> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let runs = txn.open_table(RUNS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in runs.iter().map_err(storage)? {
+            let (_, v) = item.map_err(storage)?;
+            let r: RunRecord = codec::decode(v.value()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            if status.is_none_or(|s| s == r.status) {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| b.started_ms.cmp(&a.started_ms).then_with(|| a.workflow_id.cmp(&b.workflow_id)));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// Makes the JetStream mirror of a run hold every event redb holds (after a crash
+    /// between the redb commit and the mirror publish), and learns the mirror's chain head.
+    pub async fn reconcile_mirror(&self, run_id: &str) -> Result<(), Error> {
+        let Some(streams) = &self.mirror else { return Ok(()) };
+        let subject = subject::history(run_id);
+        let (mirrored, head) = match streams.history.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => {
+                let batch: MirrorBatch =
+                    codec::decode(&m.payload).map_err(|e| Error::Corrupt(format!("mirror of {run_id}: {e}")))?;
+                (batch.events.last().map_or(0, |e| e.id), m.sequence)
+            }
+            Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => (0, 0),
+            Err(e) => return Err(Error::Mirror(e.to_string())),
+        };
+        let missing: Vec<Event> = self.history(run_id)?.into_iter().filter(|e| e.id > mirrored).collect();
+        let mut chain = self.chain.lock().await;
+        chain.insert(run_id.into(), head);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let record = self.run(run_id)?.ok_or_else(|| Error::Invalid(format!("unknown run {run_id}")))?;
+        tracing::warn!(run_id, from = missing[0].id, count = missing.len(), "repairing journal mirror");
+        let ack = publish_mirror(streams, &record.workflow_id, run_id, &missing, Some(head)).await?;
+        let seq = ack.await.map_err(|e| Error::Mirror(e.to_string()))?.sequence;
+        chain.insert(run_id.into(), seq);
+        Ok(())
+    }
+
+}
+
+/// The single writer: owns the commit loop. Holds no sender, so it ends (and releases the
+/// file) when the last [`Journal`] handle is dropped.
+struct Writer {
+    db: Arc<Database>,
+    mirror: Option<Streams>,
+    chain: Arc<tokio::sync::Mutex<HashMap<String, u64>>>,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Request>) {
+        while let Some(first) = rx.recv().await {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
+            }
+            let db = self.db.clone();
+            let committed = tokio::task::spawn_blocking(move || commit(&db, group)).await;
+            let (group, outcomes) = match committed {
+                Ok(Ok(x)) => x,
+                Ok(Err((group, e))) => {
+                    tracing::error!(error = %e, "journal commit failed");
+                    fail_all(group, e);
+                    continue;
+                }
+                Err(join) => {
+                    tracing::error!(error = %join, "journal commit task panicked");
+                    continue;
+                }
+            };
+            let mirrored = self.mirror_group(&group, &outcomes).await;
+            answer(group, outcomes, mirrored);
+        }
+    }
+
+    /// Publishes the committed part of a group to JetStream, one message per run, and
+    /// waits for every ack.
+    async fn mirror_group(&self, group: &[Request], outcomes: &[Outcome]) -> Result<(), Error> {
+        let Some(streams) = &self.mirror else { return Ok(()) };
+        // run_id -> (workflow_id, events), in group order.
+        let mut per_run: Vec<(String, String, Vec<Event>)> = Vec::new();
+        for (req, outcome) in group.iter().zip(outcomes) {
+            let Outcome::Written(workflow_id) = outcome else { continue };
+            let (run_id, events) = match req {
+                Request::Start { record, event, .. } => (&record.run_id, std::slice::from_ref(event)),
+                Request::Append { run_id, events, .. } => (run_id, events.as_slice()),
+            };
+            match per_run.iter_mut().find(|(r, _, _)| r == run_id) {
+                Some((_, _, evs)) => evs.extend_from_slice(events),
+                None => per_run.push((run_id.clone(), workflow_id.clone(), events.to_vec())),
+            }
+        }
+        let mut chain = self.chain.lock().await;
+        let mut acks = Vec::with_capacity(per_run.len());
+        for (run_id, workflow_id, events) in &per_run {
+            let starts_run = events.first().is_some_and(|e| e.id == 1);
+            let expected = if starts_run { Some(0) } else { chain.get(run_id).copied() };
+            acks.push(publish_mirror(streams, workflow_id, run_id, events, expected).await?);
+        }
+        let mut result = Ok(());
+        for ((run_id, _, events), ack) in per_run.iter().zip(acks) {
+            match ack.await {
+                Ok(ack) => {
+                    if events.last().is_some_and(|e| e.kind.is_close()) {
+                        chain.remove(run_id);
+                    } else {
+                        chain.insert(run_id.clone(), ack.sequence);
+                    }
+                }
+                Err(e) => {
+                    chain.remove(run_id);
+                    result = Err(Error::Mirror(format!("run {run_id}: {e}")));
+                }
+            }
+        }
+        result
+    }
+}
+
+async fn publish_mirror(
+    streams: &Streams,
+    workflow_id: &str,
+    run_id: &str,
+    events: &[Event],
+    expected_last_subject_seq: Option<u64>,
+) -> Result<PublishAckFuture, Error> {
+    let batch = MirrorBatch { workflow_id: workflow_id.into(), run_id: run_id.into(), events: events.to_vec() };
+    let bytes = codec::encode(&batch).map_err(|e| Error::Mirror(e.to_string()))?;
+    let mut headers = HeaderMap::new();
+    let (first, last) = (events[0].id, events[events.len() - 1].id);
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{run_id}:{first}-{last}").as_str());
+    if let Some(seq) = expected_last_subject_seq {
+        headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, seq.to_string().as_str());
+    }
+    streams
+        .js
+        .publish_with_headers(subject::history(run_id), headers, bytes.into())
+        .await
+        .map_err(|e| Error::Mirror(e.to_string()))
+}
+
+fn read_run(runs: &impl ReadableTable<&'static str, &'static [u8]>, run_id: &str) -> Result<Option<RunRecord>, Error> {
+    match runs.get(run_id).map_err(storage)? {
+        Some(v) => codec::decode(v.value()).map(Some).map_err(|e| Error::Corrupt(e.to_string())),
+        None => Ok(None),
+    }
+}
+
+/// What a committed group did with each request.
+enum Outcome {
+    /// Written; the run belongs to this workflow ID.
+    Written(String),
+    /// A start whose workflow ID already has this run; nothing written.
+    Duplicate(RunRecord),
+    /// Refused (the rest of the group still commits).
+    Refused(Error),
+}
+
+type Committed = (Vec<Request>, Vec<Outcome>);
+
+/// Commits a group in one transaction.
+fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>, Error)> {
+    let run = || -> Result<Vec<Outcome>, Error> {
+        let txn = db.begin_write().map_err(storage)?;
+        let mut outcomes = Vec::with_capacity(group.len());
+        {
+            let mut runs = txn.open_table(RUNS).map_err(storage)?;
+            let mut ids = txn.open_table(IDS).map_err(storage)?;
+            let mut events_t = txn.open_table(EVENTS).map_err(storage)?;
+            let mut open = txn.open_table(OPEN).map_err(storage)?;
+            for req in &group {
+                match req {
+                    Request::Start { record, event, .. } => {
+                        let existing = ids.get(record.workflow_id.as_str()).map_err(storage)?.map(|v| v.value().to_string());
+                        if let Some(existing) = existing {
+                            match read_run(&runs, &existing)? {
+                                Some(r) => outcomes.push(Outcome::Duplicate(r)),
+                                None => outcomes.push(Outcome::Refused(Error::Corrupt(format!("id {} names missing run {existing}", record.workflow_id)))),
+                            }
+                            continue;
+                        }
+                        ids.insert(record.workflow_id.as_str(), record.run_id.as_str()).map_err(storage)?;
+                        let bytes = codec::encode(record).map_err(storage)?;
+                        runs.insert(record.run_id.as_str(), bytes.as_slice()).map_err(storage)?;
+                        let ev = codec::encode(event).map_err(storage)?;
+                        events_t.insert((record.run_id.as_str(), event.id), ev.as_slice()).map_err(storage)?;
+                        open.insert(record.run_id.as_str(), 0).map_err(storage)?;
+                        outcomes.push(Outcome::Written(record.workflow_id.clone()));
+                    }
+                    Request::Append { run_id, events, .. } => {
+                        let mut record = match read_run(&runs, run_id)? {
+                            Some(r) => r,
+                            None => {
+                                outcomes.push(Outcome::Refused(Error::Invalid(format!("append to unknown run {run_id}"))));
+                                continue;
+                            }
+                        };
+                        if record.status != RunStatus::Running {
+                            outcomes.push(Outcome::Refused(Error::Invalid(format!("append to closed run {run_id}"))));
+                            continue;
+                        }
+                        if events.first().map(|e| e.id) != Some(record.last_event_id + 1)
+                            || events.windows(2).any(|w| w[1].id != w[0].id + 1)
+                        {
+                            outcomes.push(Outcome::Refused(Error::Invalid(format!(
+                                "append to run {run_id} breaks numbering after event {}",
+                                record.last_event_id
+                            ))));
+                            continue;
+                        }
+                        for e in events {
+                            let ev = codec::encode(e).map_err(storage)?;
+                            events_t.insert((run_id.as_str(), e.id), ev.as_slice()).map_err(storage)?;
+                            match &e.kind {
+                                EventKind::WorkflowCompleted { .. } => {
+                                    record.status = RunStatus::Completed;
+                                    record.closed_ms = Some(e.at_ms);
+                                }
+                                EventKind::WorkflowFailed { .. } => {
+                                    record.status = RunStatus::Failed;
+                                    record.closed_ms = Some(e.at_ms);
+                                }
+                                _ => {}
+                            }
+                            record.last_event_id = e.id;
+                        }
+                        if record.status != RunStatus::Running {
+                            open.remove(run_id.as_str()).map_err(storage)?;
+                        }
+                        let bytes = codec::encode(&record).map_err(storage)?;
+                        runs.insert(run_id.as_str(), bytes.as_slice()).map_err(storage)?;
+                        outcomes.push(Outcome::Written(record.workflow_id.clone()));
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(outcomes)
+    };
+    match run() {
+        Ok(outcomes) => Ok((group, outcomes)),
+        Err(e) => Err((group, e)),
+    }
+}
+
+fn fail_all(group: Vec<Request>, e: Error) {
+    for req in group {
+        match req {
+            Request::Start { reply, .. } => drop(reply.send(Err(e.clone()))),
+            Request::Append { reply, .. } => drop(reply.send(Err(e.clone()))),
+        }
+    }
+}
+
+fn answer(group: Vec<Request>, outcomes: Vec<Outcome>, mirrored: Result<(), Error>) {
+    for (req, outcome) in group.into_iter().zip(outcomes) {
+        match req {
+            Request::Start { reply, .. } => {
+                let r = match outcome {
+                    Outcome::Written(_) => mirrored.clone().map(|_| StartOutcome::Started),
+                    Outcome::Duplicate(existing) => Ok(StartOutcome::Duplicate(existing)),
+                    Outcome::Refused(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Append { reply, .. } => {
+                let r = match outcome {
+                    Outcome::Written(_) => mirrored.clone(),
+                    Outcome::Duplicate(_) => Err(Error::Invalid("append answered as a start".into())),
+                    Outcome::Refused(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_transport::Payload;
+
+    fn record(wf: &str, run: &str) -> RunRecord {
+        RunRecord {
+            workflow_id: wf.into(),
+            run_id: run.into(),
+            workflow_type: "t".into(),
+            status: RunStatus::Running,
+            started_ms: 1,
+            closed_ms: None,
+            last_event_id: 1,
+        }
+    }
+
+    fn started(wf: &str) -> Event {
+        Event {
+            id: 1,
+            at_ms: 1,
+            kind: EventKind::WorkflowStarted { workflow_type: "t".into(), workflow_id: wf.into(), input: Payload::encode(&1).unwrap() },
+        }
+    }
+
+    #[tokio::test]
+    async fn first_start_wins_and_duplicates_get_the_existing_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.redb"), None).unwrap();
+        let starts = (0..16).map(|i| {
+            let j = j.clone();
+            async move { j.start(record("same", &format!("run-{i}")), started("same")).await.unwrap() }
+        });
+        let outcomes = futures::future::join_all(starts).await;
+        let winners = outcomes.iter().filter(|o| **o == StartOutcome::Started).count();
+        assert_eq!(winners, 1, "{outcomes:?}");
+        let run = j.run_of("same").unwrap().unwrap();
+        for o in outcomes {
+            if let StartOutcome::Duplicate(existing) = o {
+                assert_eq!(existing.run_id, run.run_id);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn appends_close_runs_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.redb");
+        {
+            let j = Journal::open(&path, None).unwrap();
+            j.start(record("a", "ra"), started("a")).await.unwrap();
+            j.start(record("b", "rb"), started("b")).await.unwrap();
+            let done = Event { id: 2, at_ms: 5, kind: EventKind::WorkflowCompleted { output: Payload::encode("ok").unwrap() } };
+            j.append("ra", vec![done]).await.unwrap();
+            // Numbering gaps are refused.
+            let gap = Event { id: 7, at_ms: 5, kind: EventKind::WorkflowCompleted { output: Payload::default() } };
+            assert!(matches!(j.append("rb", vec![gap]).await, Err(Error::Invalid(_))));
+        }
+        // The writer ends once the last handle is gone, releasing the file.
+        let j = loop {
+            match Journal::open(&path, None) {
+                Ok(j) => break j,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
+        let a = j.run("ra").unwrap().unwrap();
+        assert_eq!(a.status, RunStatus::Completed);
+        assert_eq!(j.history("ra").unwrap().len(), 2);
+        let open: Vec<String> = j.open_runs().unwrap().into_iter().map(|r| r.run_id).collect();
+        assert_eq!(open, vec!["rb".to_string()]);
+        assert!(matches!(j.append("ra", vec![started("a")]).await, Err(Error::Invalid(_))));
+    }
+}

@@ -1,0 +1,39 @@
+//! Baton's durable-execution runtime.
+//!
+//! # Layout
+//! - SDK: [`WorkflowContext`] and [`ActivityDef`] (context.rs), [`ActivityContext`]
+//!   (activity.rs), [`ActivityOptions`] and [`RetryPolicy`] (options.rs), the errors
+//!   (error.rs), the [`Registry`] (registry.rs).
+//! - [`history`]: the journal's events.
+//! - [`replay`]: the deterministic replay core ([`Execution`]), pure and I/O-free.
+//! - [`journal`]: redb + JetStream, group commit, workflow-ID compare-and-set.
+//! - execution.rs: one ractor actor per execution under a supervisor.
+//! - [`node`]: the orchestrator node: start and API handlers, the report feed, recovery.
+//! - [`worker`]: worker pools (ractor) supervising one runner actor per running activity.
+
+mod activity;
+mod context;
+mod error;
+mod execution;
+pub mod history;
+pub mod journal;
+pub mod node;
+mod options;
+mod registry;
+pub mod replay;
+pub mod worker;
+
+pub use activity::{ActivityContext, ActivityInfo};
+pub use context::{ActivityDef, ActivityFuture, Command, WorkflowContext};
+pub use error::{ActivityError, Nondeterminism, WorkflowError};
+pub use options::{ActivityOptions, RetryPolicy};
+pub use registry::{ActivityFn, Policies, Registry, WorkflowDef, WorkflowFn};
+pub use replay::Execution;
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,443 @@
+//! The deterministic replay core: an [`Execution`] runs a workflow function against its
+//! journal. It does no I/O: feed it events with [`Execution::apply`], run the code with
+//! [`Execution::advance`], and get back the [`Command`]s the journal does not hold yet.
+//!
+//! The same two calls serve a live execution (apply one new event, advance) and a rebuilt
+//! one (apply the whole history, advance once): recorded results are handed to the code
+//! without running any activity again, and a command that differs from the journal is a
+//! [`Nondeterminism`] error.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Wake, Waker},
+};
+
+use baton_transport::{Payload, wire::Failure};
+
+use crate::{
+    context::{Command, WorkflowContext},
+    error::{Nondeterminism, WorkflowError},
+    history::{Event, EventKind},
+    registry::{Policies, WorkflowFn},
+};
+
+type WorkflowFuture = Pin<Box<dyn Future<Output = Result<Payload, WorkflowError>> + Send>>;
+
+struct Flag(AtomicBool);
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// One workflow execution's state, rebuilt from its journal.
+pub struct Execution {
+    ctx: WorkflowContext,
+    run: WorkflowFn,
+    future: Option<WorkflowFuture>,
+    woken: Arc<Flag>,
+    waker: Waker,
+    /// Activities the journal says were scheduled: seq -> name.
+    recorded: BTreeMap<u32, String>,
+    /// How many activities the code has scheduled so far.
+    emitted: u32,
+    /// The journal holds a close event.
+    recorded_close: bool,
+    /// The code has returned.
+    finished: bool,
+}
+
+impl Execution {
+    /// An execution of `run`, before its `WorkflowStarted` event is applied.
+    pub fn new(run: WorkflowFn, workflow_id: &str, run_id: &str, policies: Arc<Policies>) -> Self {
+        let woken = Arc::new(Flag(AtomicBool::new(true)));
+        Execution {
+            ctx: WorkflowContext::new(workflow_id, run_id, policies),
+            run,
+            future: None,
+            waker: Waker::from(woken.clone()),
+            woken,
+            recorded: BTreeMap::new(),
+            emitted: 0,
+            recorded_close: false,
+            finished: false,
+        }
+    }
+
+    /// Whether the workflow code has returned.
+    pub fn is_finished(&self) -> bool {
+        self.finished || self.recorded_close
+    }
+
+    /// Feeds one journal event.
+    pub fn apply(&mut self, event: &Event) -> Result<(), Nondeterminism> {
+        match &event.kind {
+            EventKind::WorkflowStarted { input, .. } => {
+                if self.future.is_some() {
+                    return Err(Nondeterminism(format!("event {}: a second workflow_started", event.id)));
+                }
+                self.future = Some((self.run)(self.ctx.clone(), input.clone()));
+            }
+            EventKind::ActivityScheduled { seq, activity, .. } => {
+                self.recorded.insert(*seq, activity.clone());
+            }
+            EventKind::ActivityCompleted { seq, result, .. } => self.resolve(*seq, Ok(result.clone())),
+            EventKind::ActivityFailed { seq, failure, retry_in_ms: None, .. } => {
+                self.resolve(*seq, Err(failure.clone()))
+            }
+            EventKind::ActivityFailed { .. } => {}
+            EventKind::WorkflowCompleted { .. } | EventKind::WorkflowFailed { .. } => self.recorded_close = true,
+        }
+        Ok(())
+    }
+
+    fn resolve(&mut self, seq: u32, result: Result<Payload, Failure>) {
+        let mut shared = self.ctx.shared.lock().expect("workflow context lock");
+        shared.results.insert(seq, result);
+        if let Some(w) = shared.wakers.remove(&seq) {
+            w.wake();
+        }
+    }
+
+    /// Runs the workflow code as far as the results it has allow, and returns the commands
+    /// the journal does not hold yet, in order.
+    pub fn advance(&mut self) -> Result<Vec<Command>, Nondeterminism> {
+        let mut out = Vec::new();
+        let Some(future) = self.future.as_mut() else {
+            return Ok(out);
+        };
+        let mut cx = Context::from_waker(&self.waker);
+        let mut returned = None;
+        while !self.finished && self.woken.0.swap(false, Ordering::AcqRel) {
+            if let Poll::Ready(r) = future.as_mut().poll(&mut cx) {
+                self.finished = true;
+                returned = Some(r);
+            }
+        }
+        let commands = std::mem::take(&mut self.ctx.shared.lock().expect("workflow context lock").commands);
+        for command in commands {
+            if let Command::ScheduleActivity { seq, activity, .. } = &command {
+                self.emitted = self.emitted.max(seq + 1);
+                match self.recorded.get(seq) {
+                    Some(recorded) if recorded == activity => continue,
+                    Some(recorded) => {
+                        return Err(Nondeterminism(format!(
+                            "activity seq {seq}: the journal scheduled {recorded:?} but the code schedules {activity:?}"
+                        )));
+                    }
+                    None => out.push(command),
+                }
+            }
+        }
+        if let Some((&seq, name)) = self.recorded.range(self.emitted..).next() {
+            return Err(Nondeterminism(format!(
+                "activity seq {seq} ({name:?}) is in the journal but the code did not schedule it"
+            )));
+        }
+        match returned {
+            Some(_) if self.recorded_close => {}
+            Some(Ok(output)) => out.push(Command::CompleteWorkflow { output }),
+            Some(Err(e)) => out.push(Command::FailWorkflow { failure: e.into() }),
+            None if self.recorded_close && !self.finished => {
+                return Err(Nondeterminism(
+                    "the journal says the workflow closed but the code has not returned".into(),
+                ));
+            }
+            None => {}
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ActivityDef, ActivityOptions, Registry, RetryPolicy, WorkflowContext};
+    use std::time::Duration;
+
+    const UPPER: ActivityDef<String, String> = ActivityDef::new("upper");
+    const COUNT: ActivityDef<String, usize> = ActivityDef::new("count");
+
+    fn opts() -> ActivityOptions {
+        ActivityOptions::new("cpu", Duration::from_secs(5), RetryPolicy::exponential(Duration::from_secs(1), 2.0, 3))
+    }
+
+    /// upper(text) -> count(upper) -> "<upper>:<count>"; falls back to "fallback" when
+    /// upper fails for good.
+    async fn two_steps(ctx: WorkflowContext, text: String) -> Result<String, WorkflowError> {
+        let up = match ctx.activity(&UPPER, &text).await {
+            Ok(up) => up,
+            Err(_) => return Ok("fallback".into()),
+        };
+        let n = ctx.activity(&COUNT, &up).await?;
+        Ok(format!("{up}:{n}"))
+    }
+
+    /// Both activities at once, joined.
+    async fn parallel(ctx: WorkflowContext, text: String) -> Result<String, WorkflowError> {
+        let (a, b) = futures::join!(ctx.activity(&UPPER, &text), ctx.activity(&COUNT, &text));
+        Ok(format!("{}:{}", a?, b?))
+    }
+
+    /// Changed code: counts first.
+    async fn reordered(ctx: WorkflowContext, text: String) -> Result<String, WorkflowError> {
+        let n = ctx.activity(&COUNT, &text).await?;
+        let up = ctx.activity(&UPPER, &text).await?;
+        Ok(format!("{up}:{n}"))
+    }
+
+    fn registry() -> Registry {
+        let mut r = Registry::new();
+        r.workflow("two_steps", two_steps).unwrap();
+        r.workflow("parallel", parallel).unwrap();
+        r.workflow("reordered", reordered).unwrap();
+        r.activity(&UPPER, opts(), |_, s: String| async move { Ok(s.to_uppercase()) }).unwrap();
+        r.activity(&COUNT, opts(), |_, s: String| async move { Ok(s.len()) }).unwrap();
+        r
+    }
+
+    fn execution(r: &Registry, name: &str) -> Execution {
+        Execution::new(r.workflow_def(name).unwrap().run.clone(), "wf-1", "run-1", r.policies().clone())
+    }
+
+    /// Builds canned histories event by event.
+    #[derive(Default)]
+    struct HistoryBuilder(Vec<Event>);
+
+    impl HistoryBuilder {
+        fn push(mut self, kind: EventKind) -> Self {
+            let id = self.0.len() as u32 + 1;
+            self.0.push(Event { id, at_ms: 1_000 + id as u64, kind });
+            self
+        }
+        fn started(self, wf: &str, input: &str) -> Self {
+            self.push(EventKind::WorkflowStarted {
+                workflow_type: wf.into(),
+                workflow_id: "wf-1".into(),
+                input: Payload::encode(input).unwrap(),
+            })
+        }
+        fn scheduled(self, seq: u32, activity: &str, input: &str) -> Self {
+            self.push(EventKind::ActivityScheduled {
+                seq,
+                activity: activity.into(),
+                input: Payload::encode(input).unwrap(),
+                options: opts(),
+            })
+        }
+        fn completed<T: serde::Serialize>(self, seq: u32, result: T) -> Self {
+            self.push(EventKind::ActivityCompleted {
+                seq,
+                attempt: 1,
+                worker: "w".into(),
+                result: Payload::encode(&result).unwrap(),
+            })
+        }
+        fn failed(self, seq: u32, attempt: u32, retry_in_ms: Option<u64>) -> Self {
+            self.push(EventKind::ActivityFailed {
+                seq,
+                attempt,
+                worker: "w".into(),
+                failure: Failure { kind: "Boom".into(), message: "boom".into(), retryable: true },
+                retry_in_ms,
+            })
+        }
+        fn build(self) -> Vec<Event> {
+            self.0
+        }
+    }
+
+    fn replay(exec: &mut Execution, history: &[Event]) -> Result<Vec<Command>, Nondeterminism> {
+        for e in history {
+            exec.apply(e)?;
+        }
+        exec.advance()
+    }
+
+    fn scheduled_names(commands: &[Command]) -> Vec<(u32, String)> {
+        commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::ScheduleActivity { seq, activity, .. } => Some((*seq, activity.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn output(commands: &[Command]) -> Option<String> {
+        commands.iter().find_map(|c| match c {
+            Command::CompleteWorkflow { output } => Some(output.decode().unwrap()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_new_execution_schedules_its_first_activity() {
+        let r = registry();
+        let mut exec = execution(&r, "two_steps");
+        let cmds = replay(&mut exec, &HistoryBuilder::default().started("two_steps", "hi").build()).unwrap();
+        assert_eq!(scheduled_names(&cmds), vec![(0, "upper".into())]);
+        match &cmds[0] {
+            Command::ScheduleActivity { input, options, .. } => {
+                assert_eq!(input.decode::<String>().unwrap(), "hi");
+                assert_eq!(options.task_queue, "cpu");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn replay_returns_recorded_results_without_rescheduling() {
+        let r = registry();
+        let h = HistoryBuilder::default()
+            .started("two_steps", "hi")
+            .scheduled(0, "upper", "hi")
+            .completed(0, "HI")
+            .build();
+        let mut exec = execution(&r, "two_steps");
+        let cmds = replay(&mut exec, &h).unwrap();
+        // upper is not scheduled again; only the next step is new.
+        assert_eq!(scheduled_names(&cmds), vec![(1, "count".into())]);
+    }
+
+    #[test]
+    fn a_full_history_completes_with_the_same_output() {
+        let r = registry();
+        let h = HistoryBuilder::default()
+            .started("two_steps", "hi")
+            .scheduled(0, "upper", "hi")
+            .completed(0, "HI")
+            .scheduled(1, "count", "HI")
+            .completed(1, 2usize)
+            .build();
+        let mut exec = execution(&r, "two_steps");
+        let cmds = replay(&mut exec, &h).unwrap();
+        assert_eq!(output(&cmds).as_deref(), Some("HI:2"));
+        assert!(exec.is_finished());
+    }
+
+    #[test]
+    fn live_events_advance_step_by_step() {
+        let r = registry();
+        let mut exec = execution(&r, "two_steps");
+        let h = HistoryBuilder::default()
+            .started("two_steps", "abc")
+            .scheduled(0, "upper", "abc")
+            .completed(0, "ABC")
+            .scheduled(1, "count", "ABC")
+            .completed(1, 3usize)
+            .build();
+        exec.apply(&h[0]).unwrap();
+        assert_eq!(scheduled_names(&exec.advance().unwrap()), vec![(0, "upper".into())]);
+        exec.apply(&h[1]).unwrap();
+        assert!(exec.advance().unwrap().is_empty(), "nothing new until the result arrives");
+        exec.apply(&h[2]).unwrap();
+        assert_eq!(scheduled_names(&exec.advance().unwrap()), vec![(1, "count".into())]);
+        exec.apply(&h[3]).unwrap();
+        exec.apply(&h[4]).unwrap();
+        assert_eq!(output(&exec.advance().unwrap()).as_deref(), Some("ABC:3"));
+    }
+
+    #[test]
+    fn retried_failures_are_invisible_and_final_ones_reach_the_workflow() {
+        let r = registry();
+        let retrying = HistoryBuilder::default()
+            .started("two_steps", "hi")
+            .scheduled(0, "upper", "hi")
+            .failed(0, 1, Some(1000))
+            .build();
+        let mut exec = execution(&r, "two_steps");
+        assert!(replay(&mut exec, &retrying).unwrap().is_empty(), "still waiting on attempt 2");
+
+        let given_up = HistoryBuilder::default()
+            .started("two_steps", "hi")
+            .scheduled(0, "upper", "hi")
+            .failed(0, 1, Some(1000))
+            .failed(0, 2, None)
+            .build();
+        let mut exec = execution(&r, "two_steps");
+        let cmds = replay(&mut exec, &given_up).unwrap();
+        assert_eq!(output(&cmds).as_deref(), Some("fallback"), "the workflow handled the final error");
+    }
+
+    #[test]
+    fn concurrent_activities_are_scheduled_together_and_joined() {
+        let r = registry();
+        let mut exec = execution(&r, "parallel");
+        let cmds = replay(&mut exec, &HistoryBuilder::default().started("parallel", "ab").build()).unwrap();
+        assert_eq!(scheduled_names(&cmds), vec![(0, "upper".into()), (1, "count".into())]);
+        let h = HistoryBuilder::default()
+            .started("parallel", "ab")
+            .scheduled(0, "upper", "ab")
+            .scheduled(1, "count", "ab")
+            .completed(1, 2usize)
+            .completed(0, "AB")
+            .build();
+        let mut exec = execution(&r, "parallel");
+        assert_eq!(output(&replay(&mut exec, &h).unwrap()).as_deref(), Some("AB:2"));
+    }
+
+    #[test]
+    fn changed_code_is_a_nondeterminism_error() {
+        let r = registry();
+        let h = HistoryBuilder::default()
+            .started("reordered", "hi")
+            .scheduled(0, "upper", "hi")
+            .completed(0, "HI")
+            .build();
+        let mut exec = execution(&r, "reordered");
+        let err = replay(&mut exec, &h).unwrap_err();
+        assert!(err.0.contains("\"upper\"") && err.0.contains("\"count\""), "{err}");
+    }
+
+    #[test]
+    fn a_journal_with_more_activities_than_the_code_is_a_nondeterminism_error() {
+        let r = registry();
+        // two_steps falls back after a final failure and never schedules seq 1 — but this
+        // journal says it did.
+        let h = HistoryBuilder::default()
+            .started("two_steps", "hi")
+            .scheduled(0, "upper", "hi")
+            .failed(0, 1, None)
+            .scheduled(1, "count", "HI")
+            .build();
+        let mut exec = execution(&r, "two_steps");
+        let err = replay(&mut exec, &h).unwrap_err();
+        assert!(err.0.contains("seq 1"), "{err}");
+    }
+
+    #[test]
+    fn a_closed_journal_with_code_still_waiting_is_a_nondeterminism_error() {
+        let r = registry();
+        let h = HistoryBuilder::default()
+            .started("two_steps", "hi")
+            .scheduled(0, "upper", "hi")
+            .push(EventKind::WorkflowCompleted { output: Payload::encode("HI:2").unwrap() })
+            .build();
+        let mut exec = execution(&r, "two_steps");
+        assert!(replay(&mut exec, &h).is_err());
+    }
+
+    #[test]
+    fn unregistered_activities_fail_inside_the_workflow() {
+        const NOPE: ActivityDef<String, String> = ActivityDef::new("nope");
+        let mut r = Registry::new();
+        r.workflow("uses_nope", |ctx: WorkflowContext, s: String| async move {
+            Ok::<_, WorkflowError>(ctx.activity(&NOPE, &s).await?)
+        })
+        .unwrap();
+        let mut exec = execution(&r, "uses_nope");
+        let cmds = replay(&mut exec, &HistoryBuilder::default().started("uses_nope", "x").build()).unwrap();
+        match &cmds[..] {
+            [Command::FailWorkflow { failure }] => assert_eq!(failure.kind, "UnregisteredActivity"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

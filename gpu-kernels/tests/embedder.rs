@@ -1,0 +1,185 @@
+//! The embedder against the real model (fetched by `cargo xtask setup`) and a reference
+//! computed independently in Python (`tests/fixtures/make_reference.py`).
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use baton_gpu_kernels::{Embedder, EmbedderConfig, Error, cosine};
+
+/// One embedder for the whole test binary (loading it takes a while). Two sessions, so
+/// the concurrency test exercises the pool.
+fn embedder() -> &'static Embedder {
+    static EMBEDDER: OnceLock<Embedder> = OnceLock::new();
+    EMBEDDER.get_or_init(|| Embedder::load(&common::config(2)).expect("load the embedder"))
+}
+
+fn norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
+#[test]
+fn matches_the_python_reference() {
+    let raw = include_str!("fixtures/reference_embeddings.json");
+    let fixture: serde_json::Value = serde_json::from_str(raw).unwrap();
+    let sentences = fixture["sentences"].as_array().unwrap();
+    let texts: Vec<&str> = sentences
+        .iter()
+        .map(|s| s["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts.len(), 4);
+
+    let emb = embedder();
+    assert_eq!(emb.dim(), 384);
+    let got = emb.embed(&texts).unwrap();
+    assert_eq!(got.len(), texts.len());
+
+    for ((s, text), rust) in sentences.iter().zip(&texts).zip(&got) {
+        let python: Vec<f32> = s["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(rust.len(), python.len(), "{text}");
+        assert!((norm(rust) - 1.0).abs() < 1e-5, "{text}: not unit length");
+        let cos = cosine(rust, &python);
+        assert!(
+            cos > 0.999,
+            "{text}: cosine {cos} with the python reference"
+        );
+        let max_diff = rust
+            .iter()
+            .zip(&python)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(max_diff < 1e-3, "{text}: max abs diff {max_diff}");
+        eprintln!("{text:?}: cosine {cos:.7}, max abs diff {max_diff:.2e}");
+        let count = s["token_count"].as_u64().unwrap() as usize;
+        assert_eq!(emb.token_count(text).unwrap(), count, "{text}");
+    }
+    // And the vectors mean something: the two opinions are closer to each other than to the fox.
+    assert!(cosine(&got[1], &got[2]) > cosine(&got[0], &got[1]));
+}
+
+#[test]
+fn long_texts_are_truncated_to_256_tokens() {
+    let emb = embedder();
+    let long = "the workflow engine retries failed steps with backoff ".repeat(60);
+    let count = emb.token_count(&long).unwrap();
+    assert!(count > 256, "only {count} tokens");
+
+    // Text beyond the first 256 tokens cannot change the embedding.
+    let longer = format!("{long} and then something completely different happens");
+    let got = emb.embed(&[&long, &longer]).unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].len(), 384);
+    assert!((norm(&got[0]) - 1.0).abs() < 1e-5);
+    let cos = cosine(&got[0], &got[1]);
+    assert!(cos > 0.9999, "cosine {cos}: the tail was not truncated");
+}
+
+#[test]
+fn empty_batch_returns_empty() {
+    assert!(embedder().embed(&[]).unwrap().is_empty());
+}
+
+#[test]
+fn empty_string_still_embeds() {
+    let got = embedder().embed(&[""]).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].len(), 384);
+    assert_eq!(embedder().token_count("").unwrap(), 2); // [CLS] [SEP]
+}
+
+#[test]
+fn batches_larger_than_a_chunk_keep_their_order() {
+    let emb = embedder();
+    let texts: Vec<String> = (0..40)
+        .map(|i| format!("sentence number {i} about topic {}", i % 7))
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let all = emb.embed(&refs).unwrap();
+    assert_eq!(all.len(), 40);
+    for i in [0, 31, 32, 39] {
+        let alone = emb.embed(&[refs[i]]).unwrap();
+        let cos = cosine(&all[i], &alone[0]);
+        // Not bit-equal: the int8 model quantises over the whole batch.
+        assert!(
+            cos > 0.999,
+            "text {i}: cosine {cos} with its solo embedding"
+        );
+    }
+}
+
+#[test]
+fn concurrent_callers_share_the_pool() {
+    let emb = embedder();
+    let texts = ["a cat sat on the mat", "stocks fell sharply today"];
+    let expected = emb.embed(&texts).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| emb.embed(&texts).unwrap()))
+            .collect();
+        for h in handles {
+            let got = h.join().unwrap();
+            for (g, e) in got.iter().zip(&expected) {
+                assert!(cosine(g, e) > 0.99999);
+            }
+        }
+    });
+}
+
+#[test]
+fn missing_files_are_clean_errors() {
+    let good = common::config(1);
+
+    let cfg = EmbedderConfig {
+        ort_dylib_path: PathBuf::from("/nonexistent/libonnxruntime.so"),
+        ..good.clone()
+    };
+    let err = Embedder::load(&cfg).unwrap_err();
+    assert!(matches!(err, Error::OrtLibraryNotFound(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("onnx runtime library not found at /nonexistent/libonnxruntime.so"),
+        "{err}"
+    );
+
+    let cfg = EmbedderConfig {
+        model_path: PathBuf::from("/nonexistent/model.onnx"),
+        ..good.clone()
+    };
+    let err = Embedder::load(&cfg).unwrap_err();
+    assert!(matches!(err, Error::ModelNotFound(_)), "{err:?}");
+    assert!(err.to_string().contains("model file not found at"), "{err}");
+
+    let cfg = EmbedderConfig {
+        tokenizer_path: PathBuf::from("/nonexistent/tokenizer.json"),
+        ..good.clone()
+    };
+    assert!(matches!(
+        Embedder::load(&cfg).unwrap_err(),
+        Error::TokenizerNotFound(_)
+    ));
+
+    // A file that is not a tokenizer.
+    let cfg = EmbedderConfig {
+        tokenizer_path: good.model_path.clone(),
+        ..good.clone()
+    };
+    assert!(matches!(
+        Embedder::load(&cfg).unwrap_err(),
+        Error::Tokenizer(_)
+    ));
+
+    let cfg = EmbedderConfig {
+        sessions: 0,
+        ..good
+    };
+    assert!(matches!(
+        Embedder::load(&cfg).unwrap_err(),
+        Error::Config(_)
+    ));
+}

@@ -1,0 +1,148 @@
+//! JetStream streams and consumers, created idempotently by whoever starts first.
+//!
+//! - `BATON_TASKS` (work queue, file storage): activity tasks, one subject per attempt, so
+//!   a task's presence can be checked after a crash. Workers ack a task only after their
+//!   report is stored, so a worker that dies mid-activity leaves the task to be redelivered.
+//! - `BATON_REPORTS` (work queue, file storage): activity reports; the orchestrator acks one
+//!   only after the journal has recorded it (or recognised it as stale).
+//! - `BATON_HISTORY` (limits retention, file storage): the mirror of every run's journal.
+//!
+//! Durability of each write comes from the server's `sync_interval` (Baton's dev server
+//! uses `always`) and, in production, from R3 replication.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, pull},
+    stream::{self, RetentionPolicy, StorageType},
+};
+
+use crate::{Error, subject};
+
+/// How long a worker may hold a task without acking or signalling progress before JetStream
+/// redelivers it to another worker. Pools signal progress for running tasks every second,
+/// so this is the time to detect a dead worker process.
+pub const TASK_ACK_WAIT: Duration = Duration::from_secs(5);
+/// How many times JetStream delivers one task before giving up on it.
+pub const TASK_MAX_DELIVER: i64 = 20;
+/// How long the orchestrator may hold a report before JetStream redelivers it.
+pub const REPORT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Window in which `Nats-Msg-Id` deduplicates republished tasks and history entries.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// The replica count used for Baton's streams (1 on a single server).
+pub const DEFAULT_REPLICAS: usize = 1;
+
+/// Handles to Baton's streams.
+#[derive(Clone)]
+pub struct Streams {
+    /// The JetStream context.
+    pub js: jetstream::Context,
+    /// `BATON_TASKS`.
+    pub tasks: stream::Stream,
+    /// `BATON_REPORTS`.
+    pub reports: stream::Stream,
+    /// `BATON_HISTORY`.
+    pub history: stream::Stream,
+}
+
+impl Streams {
+    /// Creates (or opens) Baton's streams on the server behind `client`.
+    pub async fn ensure(client: &async_nats::Client) -> Result<Streams, Error> {
+        let js = jetstream::new(client.clone());
+        let max_msg = client.server_info().max_payload as i32;
+        let tasks = js
+            .get_or_create_stream(stream::Config {
+                name: subject::TASKS_STREAM.into(),
+                subjects: vec!["baton.task.>".into()],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                max_message_size: max_msg,
+                num_replicas: DEFAULT_REPLICAS,
+                ..Default::default()
+            })
+            .await
+            .map_err(Error::nats)?;
+        let reports = js
+            .get_or_create_stream(stream::Config {
+                name: subject::REPORTS_STREAM.into(),
+                subjects: vec!["baton.report.>".into()],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                max_message_size: max_msg,
+                num_replicas: DEFAULT_REPLICAS,
+                ..Default::default()
+            })
+            .await
+            .map_err(Error::nats)?;
+        let history = js
+            .get_or_create_stream(stream::Config {
+                name: subject::HISTORY_STREAM.into(),
+                subjects: vec!["baton.history.>".into()],
+                retention: RetentionPolicy::Limits,
+                storage: StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                max_message_size: max_msg,
+                num_replicas: DEFAULT_REPLICAS,
+                ..Default::default()
+            })
+            .await
+            .map_err(Error::nats)?;
+        Ok(Streams { js, tasks, reports, history })
+    }
+
+    /// The durable pull consumer of a task queue (shared by every worker of that queue).
+    pub async fn queue_consumer(&self, queue: &str) -> Result<jetstream::consumer::PullConsumer, Error> {
+        self.tasks
+            .get_or_create_consumer(
+                &subject::queue_consumer(queue),
+                pull::Config {
+                    durable_name: Some(subject::queue_consumer(queue)),
+                    filter_subject: subject::task_filter(queue),
+                    ack_policy: AckPolicy::Explicit,
+                    deliver_policy: DeliverPolicy::All,
+                    ack_wait: TASK_ACK_WAIT,
+                    max_deliver: TASK_MAX_DELIVER,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(Error::nats)
+    }
+
+    /// The orchestrator's durable pull consumer of reports.
+    pub async fn report_consumer(&self) -> Result<jetstream::consumer::PullConsumer, Error> {
+        self.reports
+            .get_or_create_consumer(
+                subject::REPORTS_CONSUMER,
+                pull::Config {
+                    durable_name: Some(subject::REPORTS_CONSUMER.into()),
+                    ack_policy: AckPolicy::Explicit,
+                    deliver_policy: DeliverPolicy::All,
+                    ack_wait: REPORT_ACK_WAIT,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(Error::nats)
+    }
+
+    /// Whether a task message is still queued (published and not yet acked by a worker).
+    pub async fn task_is_queued(&self, task_subject: &str) -> Result<bool, Error> {
+        match self.tasks.get_last_raw_message_by_subject(task_subject).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(e) => Err(Error::nats(e)),
+        }
+    }
+}
+
+/// The `Nats-Msg-Id` of a task attempt, so republishing it inside the duplicate window is
+/// a no-op.
+pub fn task_msg_id(run_id: &str, seq: u32, attempt: u32) -> String {
+    format!("{run_id}:{seq}:{attempt}")
+}

@@ -1,0 +1,93 @@
+//! Subject names. Every subject Baton publishes or subscribes to is built here.
+//!
+//! | subject | kind | who publishes | who consumes |
+//! |---|---|---|---|
+//! | `baton.start.<workflow_type>` | core request/reply | clients | orchestrator |
+//! | `baton.api.<verb>` | core request/reply | clients | orchestrator |
+//! | `baton.task.<queue>.<run_id>.<seq>.<attempt>` | JetStream `BATON_TASKS` | orchestrator | workers of `<queue>` |
+//! | `baton.report.<run_id>` | JetStream `BATON_REPORTS` | workers | orchestrator |
+//! | `baton.history.<run_id>` | JetStream `BATON_HISTORY` | orchestrator journal | readers, recovery |
+
+/// Prefix of start requests: `baton.start.<workflow_type>`.
+pub const START_PREFIX: &str = "baton.start";
+/// Wildcard the orchestrator subscribes to for starts.
+pub const START_ALL: &str = "baton.start.*";
+/// API: wait for / read a workflow result.
+pub const API_RESULT: &str = "baton.api.result";
+/// API: describe one workflow.
+pub const API_DESCRIBE: &str = "baton.api.describe";
+/// API: the journal of one workflow.
+pub const API_HISTORY: &str = "baton.api.history";
+/// API: list workflows.
+pub const API_LIST: &str = "baton.api.list";
+/// Wildcard the orchestrator subscribes to for API calls.
+pub const API_ALL: &str = "baton.api.*";
+
+/// Name of the JetStream stream holding activity tasks (work-queue retention).
+pub const TASKS_STREAM: &str = "BATON_TASKS";
+/// Name of the JetStream stream holding activity reports (work-queue retention).
+pub const REPORTS_STREAM: &str = "BATON_REPORTS";
+/// Name of the JetStream stream mirroring every execution's journal.
+pub const HISTORY_STREAM: &str = "BATON_HISTORY";
+
+/// Subject of a start request for a workflow type.
+pub fn start(workflow_type: &str) -> String {
+    format!("{START_PREFIX}.{workflow_type}")
+}
+
+/// The workflow type named by a start subject, if it is one.
+pub fn workflow_type_of_start(subject: &str) -> Option<&str> {
+    subject
+        .strip_prefix(START_PREFIX)?
+        .strip_prefix('.')
+        .filter(|t| !t.is_empty() && !t.contains('.'))
+}
+
+/// Subject of one activity task. Unique per (run, activity sequence, attempt), so that the
+/// orchestrator can ask JetStream whether a task is still queued after a crash.
+pub fn task(queue: &str, run_id: &str, seq: u32, attempt: u32) -> String {
+    format!("baton.task.{queue}.{run_id}.{seq}.{attempt}")
+}
+
+/// Filter subject of a queue's consumer.
+pub fn task_filter(queue: &str) -> String {
+    format!("baton.task.{queue}.>")
+}
+
+/// Subject of a report for a run.
+pub fn report(run_id: &str) -> String {
+    format!("baton.report.{run_id}")
+}
+
+/// Subject of a run's journal mirror.
+pub fn history(run_id: &str) -> String {
+    format!("baton.history.{run_id}")
+}
+
+/// Durable consumer name of a task queue.
+pub fn queue_consumer(queue: &str) -> String {
+    format!("queue-{queue}")
+}
+
+/// Durable consumer name of the orchestrator's report feed.
+pub const REPORTS_CONSUMER: &str = "orchestrator-reports";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_subject_round_trips() {
+        assert_eq!(workflow_type_of_start(&start("batch_embed")), Some("batch_embed"));
+        assert_eq!(workflow_type_of_start("baton.start."), None);
+        assert_eq!(workflow_type_of_start("baton.start.a.b"), None);
+        assert_eq!(workflow_type_of_start("baton.api.result"), None);
+    }
+
+    #[test]
+    fn task_subjects_fall_under_their_queue_filter() {
+        let s = task("gpu", "r1", 3, 2);
+        assert_eq!(s, "baton.task.gpu.r1.3.2");
+        assert!(s.starts_with(task_filter("gpu").trim_end_matches('>')));
+    }
+}
