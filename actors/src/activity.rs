@@ -32,7 +32,10 @@ pub struct ActivityContext {
 impl ActivityContext {
     /// A context whose heartbeats go to `sink` (the runner's pool, or a test probe).
     pub fn new(info: ActivityInfo, sink: impl Fn(Option<Payload>) + Send + Sync + 'static) -> Self {
-        ActivityContext { info, heartbeat: Arc::new(sink) }
+        ActivityContext {
+            info,
+            heartbeat: Arc::new(sink),
+        }
     }
 
     /// The attempt's identity.

@@ -29,7 +29,10 @@ pub struct ActivityDef<I, O> {
 impl<I, O> ActivityDef<I, O> {
     /// Declares an activity.
     pub const fn new(name: &'static str) -> Self {
-        ActivityDef { name, _types: PhantomData }
+        ActivityDef {
+            name,
+            _types: PhantomData,
+        }
     }
 }
 
@@ -120,7 +123,9 @@ impl WorkflowContext {
     ) -> ActivityFuture<O> {
         let input = match Payload::encode(input) {
             Ok(p) => p,
-            Err(e) => return self.refuse(ActivityError::non_retryable("EncodeError", e.to_string())),
+            Err(e) => {
+                return self.refuse(ActivityError::non_retryable("EncodeError", e.to_string()));
+            }
         };
         let mut shared = self.shared.lock().expect("workflow context lock");
         let seq = shared.next_seq;
@@ -131,11 +136,21 @@ impl WorkflowContext {
             input,
             options,
         });
-        ActivityFuture { shared: Some(self.shared.clone()), seq, refused: None, _out: PhantomData }
+        ActivityFuture {
+            shared: Some(self.shared.clone()),
+            seq,
+            refused: None,
+            _out: PhantomData,
+        }
     }
 
     fn refuse<O>(&self, error: ActivityError) -> ActivityFuture<O> {
-        ActivityFuture { shared: None, seq: u32::MAX, refused: Some(error), _out: PhantomData }
+        ActivityFuture {
+            shared: None,
+            seq: u32::MAX,
+            refused: Some(error),
+            _out: PhantomData,
+        }
     }
 }
 

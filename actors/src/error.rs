@@ -19,24 +19,40 @@ pub struct ActivityError {
 impl ActivityError {
     /// A failure another attempt may cure (I/O, timeouts, overload).
     pub fn retryable(kind: impl Into<String>, message: impl Into<String>) -> Self {
-        ActivityError { kind: kind.into(), message: message.into(), retryable: true }
+        ActivityError {
+            kind: kind.into(),
+            message: message.into(),
+            retryable: true,
+        }
     }
 
     /// A failure no retry can cure (bad input).
     pub fn non_retryable(kind: impl Into<String>, message: impl Into<String>) -> Self {
-        ActivityError { kind: kind.into(), message: message.into(), retryable: false }
+        ActivityError {
+            kind: kind.into(),
+            message: message.into(),
+            retryable: false,
+        }
     }
 }
 
 impl From<ActivityError> for Failure {
     fn from(e: ActivityError) -> Failure {
-        Failure { kind: e.kind, message: e.message, retryable: e.retryable }
+        Failure {
+            kind: e.kind,
+            message: e.message,
+            retryable: e.retryable,
+        }
     }
 }
 
 impl From<Failure> for ActivityError {
     fn from(f: Failure) -> ActivityError {
-        ActivityError { kind: f.kind, message: f.message, retryable: f.retryable }
+        ActivityError {
+            kind: f.kind,
+            message: f.message,
+            retryable: f.retryable,
+        }
     }
 }
 
@@ -53,19 +69,29 @@ pub struct WorkflowError {
 impl WorkflowError {
     /// Builds a workflow error.
     pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
-        WorkflowError { kind: kind.into(), message: message.into() }
+        WorkflowError {
+            kind: kind.into(),
+            message: message.into(),
+        }
     }
 }
 
 impl From<ActivityError> for WorkflowError {
     fn from(e: ActivityError) -> WorkflowError {
-        WorkflowError { kind: e.kind, message: e.message }
+        WorkflowError {
+            kind: e.kind,
+            message: e.message,
+        }
     }
 }
 
 impl From<WorkflowError> for Failure {
     fn from(e: WorkflowError) -> Failure {
-        Failure { kind: e.kind, message: e.message, retryable: false }
+        Failure {
+            kind: e.kind,
+            message: e.message,
+            retryable: false,
+        }
     }
 }
 

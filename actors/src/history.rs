@@ -95,7 +95,10 @@ impl EventKind {
 
     /// Whether this event closes the run.
     pub fn is_close(&self) -> bool {
-        matches!(self, EventKind::WorkflowCompleted { .. } | EventKind::WorkflowFailed { .. })
+        matches!(
+            self,
+            EventKind::WorkflowCompleted { .. } | EventKind::WorkflowFailed { .. }
+        )
     }
 }
 
@@ -104,19 +107,39 @@ impl Event {
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::json;
         let mut v = match &self.kind {
-            EventKind::WorkflowStarted { workflow_type, workflow_id, input } => {
+            EventKind::WorkflowStarted {
+                workflow_type,
+                workflow_id,
+                input,
+            } => {
                 json!({"workflow_type": workflow_type, "workflow_id": workflow_id, "input": input.to_json()})
             }
-            EventKind::ActivityScheduled { seq, activity, input, options } => json!({
+            EventKind::ActivityScheduled {
+                seq,
+                activity,
+                input,
+                options,
+            } => json!({
                 "seq": seq, "activity": activity, "queue": options.task_queue, "input": input.to_json(),
                 "start_to_close_ms": options.start_to_close_ms,
                 "heartbeat_timeout_ms": options.heartbeat_timeout_ms,
                 "maximum_attempts": options.retry.maximum_attempts,
             }),
-            EventKind::ActivityCompleted { seq, attempt, worker, result } => {
+            EventKind::ActivityCompleted {
+                seq,
+                attempt,
+                worker,
+                result,
+            } => {
                 json!({"seq": seq, "attempt": attempt, "worker": worker, "result": result.to_json()})
             }
-            EventKind::ActivityFailed { seq, attempt, worker, failure, retry_in_ms } => json!({
+            EventKind::ActivityFailed {
+                seq,
+                attempt,
+                worker,
+                failure,
+                retry_in_ms,
+            } => json!({
                 "seq": seq, "attempt": attempt, "worker": worker, "failure": failure, "retry_in_ms": retry_in_ms,
             }),
             EventKind::WorkflowCompleted { output } => json!({"output": output.to_json()}),

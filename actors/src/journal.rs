@@ -117,8 +117,16 @@ pub struct MirrorBatch {
 }
 
 enum Request {
-    Start { record: RunRecord, event: Event, reply: oneshot::Sender<Result<StartOutcome, Error>> },
-    Append { run_id: String, events: Vec<Event>, reply: oneshot::Sender<Result<(), Error>> },
+    Start {
+        record: RunRecord,
+        event: Event,
+        reply: oneshot::Sender<Result<StartOutcome, Error>>,
+    },
+    Append {
+        run_id: String,
+        events: Vec<Event>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
 }
 
 /// Handle on the journal. Cheap to clone.
@@ -144,7 +152,11 @@ impl Journal {
         }
         txn.commit().map_err(storage)?;
         let (tx, rx) = mpsc::channel(4096);
-        let writer = Writer { db: Arc::new(db), mirror, chain: Arc::default() };
+        let writer = Writer {
+            db: Arc::new(db),
+            mirror,
+            chain: Arc::default(),
+        };
         let journal = Journal {
             db: writer.db.clone(),
             tx,
@@ -158,7 +170,14 @@ impl Journal {
     /// Creates a run unless its workflow ID already has one (compare-and-set).
     pub async fn start(&self, record: RunRecord, event: Event) -> Result<StartOutcome, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::Start { record, event, reply }).await.map_err(|_| Error::Closed)?;
+        self.tx
+            .send(Request::Start {
+                record,
+                event,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
@@ -169,7 +188,11 @@ impl Journal {
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request::Append { run_id: run_id.into(), events, reply })
+            .send(Request::Append {
+                run_id: run_id.into(),
+                events,
+                reply,
+            })
             .await
             .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
@@ -199,7 +222,10 @@ impl Journal {
         let txn = self.db.begin_read().map_err(storage)?;
         let events = txn.open_table(EVENTS).map_err(storage)?;
         let mut out = Vec::new();
-        for item in events.range((run_id, 0)..=(run_id, u32::MAX)).map_err(storage)? {
+        for item in events
+            .range((run_id, 0)..=(run_id, u32::MAX))
+            .map_err(storage)?
+        {
             let (_, v) = item.map_err(storage)?;
             out.push(codec::decode::<Event>(v.value()).map_err(|e| Error::Corrupt(e.to_string()))?);
         }
@@ -228,12 +254,17 @@ impl Journal {
         let mut out = Vec::new();
         for item in runs.iter().map_err(storage)? {
             let (_, v) = item.map_err(storage)?;
-            let r: RunRecord = codec::decode(v.value()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            let r: RunRecord =
+                codec::decode(v.value()).map_err(|e| Error::Corrupt(e.to_string()))?;
             if status.is_none_or(|s| s == r.status) {
                 out.push(r);
             }
         }
-        out.sort_by(|a, b| b.started_ms.cmp(&a.started_ms).then_with(|| a.workflow_id.cmp(&b.workflow_id)));
+        out.sort_by(|a, b| {
+            b.started_ms
+                .cmp(&a.started_ms)
+                .then_with(|| a.workflow_id.cmp(&b.workflow_id))
+        });
         out.truncate(limit);
         Ok(out)
     }
@@ -241,31 +272,56 @@ impl Journal {
     /// Makes the JetStream mirror of a run hold every event redb holds (after a crash
     /// between the redb commit and the mirror publish), and learns the mirror's chain head.
     pub async fn reconcile_mirror(&self, run_id: &str) -> Result<(), Error> {
-        let Some(streams) = &self.mirror else { return Ok(()) };
+        let Some(streams) = &self.mirror else {
+            return Ok(());
+        };
         let subject = subject::history(run_id);
-        let (mirrored, head) = match streams.history.get_last_raw_message_by_subject(&subject).await {
+        let (mirrored, head) = match streams
+            .history
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
             Ok(m) => {
-                let batch: MirrorBatch =
-                    codec::decode(&m.payload).map_err(|e| Error::Corrupt(format!("mirror of {run_id}: {e}")))?;
+                let batch: MirrorBatch = codec::decode(&m.payload)
+                    .map_err(|e| Error::Corrupt(format!("mirror of {run_id}: {e}")))?;
                 (batch.events.last().map_or(0, |e| e.id), m.sequence)
             }
-            Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => (0, 0),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                (0, 0)
+            }
             Err(e) => return Err(Error::Mirror(e.to_string())),
         };
-        let missing: Vec<Event> = self.history(run_id)?.into_iter().filter(|e| e.id > mirrored).collect();
+        let missing: Vec<Event> = self
+            .history(run_id)?
+            .into_iter()
+            .filter(|e| e.id > mirrored)
+            .collect();
         let mut chain = self.chain.lock().await;
         chain.insert(run_id.into(), head);
         if missing.is_empty() {
             return Ok(());
         }
-        let record = self.run(run_id)?.ok_or_else(|| Error::Invalid(format!("unknown run {run_id}")))?;
-        tracing::warn!(run_id, from = missing[0].id, count = missing.len(), "repairing journal mirror");
-        let ack = publish_mirror(streams, &record.workflow_id, run_id, &missing, Some(head)).await?;
-        let seq = ack.await.map_err(|e| Error::Mirror(e.to_string()))?.sequence;
+        let record = self
+            .run(run_id)?
+            .ok_or_else(|| Error::Invalid(format!("unknown run {run_id}")))?;
+        tracing::warn!(
+            run_id,
+            from = missing[0].id,
+            count = missing.len(),
+            "repairing journal mirror"
+        );
+        let ack =
+            publish_mirror(streams, &record.workflow_id, run_id, &missing, Some(head)).await?;
+        let seq = ack
+            .await
+            .map_err(|e| Error::Mirror(e.to_string()))?
+            .sequence;
         chain.insert(run_id.into(), seq);
         Ok(())
     }
-
 }
 
 /// The single writer: owns the commit loop. Holds no sender, so it ends (and releases the
@@ -308,13 +364,19 @@ impl Writer {
     /// Publishes the committed part of a group to JetStream, one message per run, and
     /// waits for every ack.
     async fn mirror_group(&self, group: &[Request], outcomes: &[Outcome]) -> Result<(), Error> {
-        let Some(streams) = &self.mirror else { return Ok(()) };
+        let Some(streams) = &self.mirror else {
+            return Ok(());
+        };
         // run_id -> (workflow_id, events), in group order.
         let mut per_run: Vec<(String, String, Vec<Event>)> = Vec::new();
         for (req, outcome) in group.iter().zip(outcomes) {
-            let Outcome::Written(workflow_id) = outcome else { continue };
+            let Outcome::Written(workflow_id) = outcome else {
+                continue;
+            };
             let (run_id, events) = match req {
-                Request::Start { record, event, .. } => (&record.run_id, std::slice::from_ref(event)),
+                Request::Start { record, event, .. } => {
+                    (&record.run_id, std::slice::from_ref(event))
+                }
                 Request::Append { run_id, events, .. } => (run_id, events.as_slice()),
             };
             match per_run.iter_mut().find(|(r, _, _)| r == run_id) {
@@ -326,7 +388,11 @@ impl Writer {
         let mut acks = Vec::with_capacity(per_run.len());
         for (run_id, workflow_id, events) in &per_run {
             let starts_run = events.first().is_some_and(|e| e.id == 1);
-            let expected = if starts_run { Some(0) } else { chain.get(run_id).copied() };
+            let expected = if starts_run {
+                Some(0)
+            } else {
+                chain.get(run_id).copied()
+            };
             acks.push(publish_mirror(streams, workflow_id, run_id, events, expected).await?);
         }
         let mut result = Ok(());
@@ -356,13 +422,23 @@ async fn publish_mirror(
     events: &[Event],
     expected_last_subject_seq: Option<u64>,
 ) -> Result<PublishAckFuture, Error> {
-    let batch = MirrorBatch { workflow_id: workflow_id.into(), run_id: run_id.into(), events: events.to_vec() };
+    let batch = MirrorBatch {
+        workflow_id: workflow_id.into(),
+        run_id: run_id.into(),
+        events: events.to_vec(),
+    };
     let bytes = codec::encode(&batch).map_err(|e| Error::Mirror(e.to_string()))?;
     let mut headers = HeaderMap::new();
     let (first, last) = (events[0].id, events[events.len() - 1].id);
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{run_id}:{first}-{last}").as_str());
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        format!("{run_id}:{first}-{last}").as_str(),
+    );
     if let Some(seq) = expected_last_subject_seq {
-        headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, seq.to_string().as_str());
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            seq.to_string().as_str(),
+        );
     }
     streams
         .js
@@ -371,9 +447,14 @@ async fn publish_mirror(
         .map_err(|e| Error::Mirror(e.to_string()))
 }
 
-fn read_run(runs: &impl ReadableTable<&'static str, &'static [u8]>, run_id: &str) -> Result<Option<RunRecord>, Error> {
+fn read_run(
+    runs: &impl ReadableTable<&'static str, &'static [u8]>,
+    run_id: &str,
+) -> Result<Option<RunRecord>, Error> {
     match runs.get(run_id).map_err(storage)? {
-        Some(v) => codec::decode(v.value()).map(Some).map_err(|e| Error::Corrupt(e.to_string())),
+        Some(v) => codec::decode(v.value())
+            .map(Some)
+            .map_err(|e| Error::Corrupt(e.to_string())),
         None => Ok(None),
     }
 }
@@ -403,19 +484,29 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
             for req in &group {
                 match req {
                     Request::Start { record, event, .. } => {
-                        let existing = ids.get(record.workflow_id.as_str()).map_err(storage)?.map(|v| v.value().to_string());
+                        let existing = ids
+                            .get(record.workflow_id.as_str())
+                            .map_err(storage)?
+                            .map(|v| v.value().to_string());
                         if let Some(existing) = existing {
                             match read_run(&runs, &existing)? {
                                 Some(r) => outcomes.push(Outcome::Duplicate(r)),
-                                None => outcomes.push(Outcome::Refused(Error::Corrupt(format!("id {} names missing run {existing}", record.workflow_id)))),
+                                None => outcomes.push(Outcome::Refused(Error::Corrupt(format!(
+                                    "id {} names missing run {existing}",
+                                    record.workflow_id
+                                )))),
                             }
                             continue;
                         }
-                        ids.insert(record.workflow_id.as_str(), record.run_id.as_str()).map_err(storage)?;
+                        ids.insert(record.workflow_id.as_str(), record.run_id.as_str())
+                            .map_err(storage)?;
                         let bytes = codec::encode(record).map_err(storage)?;
-                        runs.insert(record.run_id.as_str(), bytes.as_slice()).map_err(storage)?;
+                        runs.insert(record.run_id.as_str(), bytes.as_slice())
+                            .map_err(storage)?;
                         let ev = codec::encode(event).map_err(storage)?;
-                        events_t.insert((record.run_id.as_str(), event.id), ev.as_slice()).map_err(storage)?;
+                        events_t
+                            .insert((record.run_id.as_str(), event.id), ev.as_slice())
+                            .map_err(storage)?;
                         open.insert(record.run_id.as_str(), 0).map_err(storage)?;
                         outcomes.push(Outcome::Written(record.workflow_id.clone()));
                     }
@@ -423,12 +514,16 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
                         let mut record = match read_run(&runs, run_id)? {
                             Some(r) => r,
                             None => {
-                                outcomes.push(Outcome::Refused(Error::Invalid(format!("append to unknown run {run_id}"))));
+                                outcomes.push(Outcome::Refused(Error::Invalid(format!(
+                                    "append to unknown run {run_id}"
+                                ))));
                                 continue;
                             }
                         };
                         if record.status != RunStatus::Running {
-                            outcomes.push(Outcome::Refused(Error::Invalid(format!("append to closed run {run_id}"))));
+                            outcomes.push(Outcome::Refused(Error::Invalid(format!(
+                                "append to closed run {run_id}"
+                            ))));
                             continue;
                         }
                         if events.first().map(|e| e.id) != Some(record.last_event_id + 1)
@@ -442,7 +537,9 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
                         }
                         for e in events {
                             let ev = codec::encode(e).map_err(storage)?;
-                            events_t.insert((run_id.as_str(), e.id), ev.as_slice()).map_err(storage)?;
+                            events_t
+                                .insert((run_id.as_str(), e.id), ev.as_slice())
+                                .map_err(storage)?;
                             match &e.kind {
                                 EventKind::WorkflowCompleted { .. } => {
                                     record.status = RunStatus::Completed;
@@ -460,7 +557,8 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
                             open.remove(run_id.as_str()).map_err(storage)?;
                         }
                         let bytes = codec::encode(&record).map_err(storage)?;
-                        runs.insert(run_id.as_str(), bytes.as_slice()).map_err(storage)?;
+                        runs.insert(run_id.as_str(), bytes.as_slice())
+                            .map_err(storage)?;
                         outcomes.push(Outcome::Written(record.workflow_id.clone()));
                     }
                 }
@@ -498,7 +596,9 @@ fn answer(group: Vec<Request>, outcomes: Vec<Outcome>, mirrored: Result<(), Erro
             Request::Append { reply, .. } => {
                 let r = match outcome {
                     Outcome::Written(_) => mirrored.clone(),
-                    Outcome::Duplicate(_) => Err(Error::Invalid("append answered as a start".into())),
+                    Outcome::Duplicate(_) => {
+                        Err(Error::Invalid("append answered as a start".into()))
+                    }
                     Outcome::Refused(e) => Err(e),
                 };
                 let _ = reply.send(r);
@@ -528,7 +628,11 @@ mod tests {
         Event {
             id: 1,
             at_ms: 1,
-            kind: EventKind::WorkflowStarted { workflow_type: "t".into(), workflow_id: wf.into(), input: Payload::encode(&1).unwrap() },
+            kind: EventKind::WorkflowStarted {
+                workflow_type: "t".into(),
+                workflow_id: wf.into(),
+                input: Payload::encode(&1).unwrap(),
+            },
         }
     }
 
@@ -538,10 +642,17 @@ mod tests {
         let j = Journal::open(&dir.path().join("j.redb"), None).unwrap();
         let starts = (0..16).map(|i| {
             let j = j.clone();
-            async move { j.start(record("same", &format!("run-{i}")), started("same")).await.unwrap() }
+            async move {
+                j.start(record("same", &format!("run-{i}")), started("same"))
+                    .await
+                    .unwrap()
+            }
         });
         let outcomes = futures::future::join_all(starts).await;
-        let winners = outcomes.iter().filter(|o| **o == StartOutcome::Started).count();
+        let winners = outcomes
+            .iter()
+            .filter(|o| **o == StartOutcome::Started)
+            .count();
         assert_eq!(winners, 1, "{outcomes:?}");
         let run = j.run_of("same").unwrap().unwrap();
         for o in outcomes {
@@ -559,11 +670,26 @@ mod tests {
             let j = Journal::open(&path, None).unwrap();
             j.start(record("a", "ra"), started("a")).await.unwrap();
             j.start(record("b", "rb"), started("b")).await.unwrap();
-            let done = Event { id: 2, at_ms: 5, kind: EventKind::WorkflowCompleted { output: Payload::encode("ok").unwrap() } };
+            let done = Event {
+                id: 2,
+                at_ms: 5,
+                kind: EventKind::WorkflowCompleted {
+                    output: Payload::encode("ok").unwrap(),
+                },
+            };
             j.append("ra", vec![done]).await.unwrap();
             // Numbering gaps are refused.
-            let gap = Event { id: 7, at_ms: 5, kind: EventKind::WorkflowCompleted { output: Payload::default() } };
-            assert!(matches!(j.append("rb", vec![gap]).await, Err(Error::Invalid(_))));
+            let gap = Event {
+                id: 7,
+                at_ms: 5,
+                kind: EventKind::WorkflowCompleted {
+                    output: Payload::default(),
+                },
+            };
+            assert!(matches!(
+                j.append("rb", vec![gap]).await,
+                Err(Error::Invalid(_))
+            ));
         }
         // The writer ends once the last handle is gone, releasing the file.
         let j = loop {
@@ -575,8 +701,16 @@ mod tests {
         let a = j.run("ra").unwrap().unwrap();
         assert_eq!(a.status, RunStatus::Completed);
         assert_eq!(j.history("ra").unwrap().len(), 2);
-        let open: Vec<String> = j.open_runs().unwrap().into_iter().map(|r| r.run_id).collect();
+        let open: Vec<String> = j
+            .open_runs()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.run_id)
+            .collect();
         assert_eq!(open, vec!["rb".to_string()]);
-        assert!(matches!(j.append("ra", vec![started("a")]).await, Err(Error::Invalid(_))));
+        assert!(matches!(
+            j.append("ra", vec![started("a")]).await,
+            Err(Error::Invalid(_))
+        ));
     }
 }

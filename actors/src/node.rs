@@ -1,0 +1,644 @@
+//! The orchestrator node: it answers start and API requests at the edge, feeds workers'
+//! reports to the execution actors, and on start-up recovers every open run from the
+//! journal.
+//!
+//! Recovery order matters: open runs are rebuilt first (replay, no activity runs again),
+//! then the reports that waited in JetStream while the node was down are applied, and only
+//! then are the tasks of in-flight attempts that JetStream no longer holds republished.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_nats::{Client, HeaderMap, jetstream::AckKind};
+use baton_transport::{
+    Format, Payload,
+    codec::{self, CONTENT_TYPE, MAX_EDGE_BODY},
+    ids,
+    jetstream::Streams,
+    subject,
+    wire::{
+        ActivityReport, ErrorCode, ErrorReply, HistoryReply, ListReply, ListRequest, ResultReply,
+        ResultRequest, StartReply, StartRequest, StartStatus, WorkflowInfo, WorkflowRef,
+    },
+};
+use futures::StreamExt;
+use ractor::{Actor, ActorRef};
+use tokio::{sync::broadcast, task::JoinHandle};
+
+use crate::{
+    Registry,
+    execution::{ExecArgs, ExecMsg, Runtime, Supervisor, SupervisorMsg},
+    history::{Event, EventKind},
+    journal::{self, Journal, RunRecord, RunStatus, StartOutcome},
+    now_ms,
+};
+
+/// Longest a result request may wait.
+const MAX_RESULT_WAIT: Duration = Duration::from_secs(300);
+/// Queue group of the orchestrators' edge subscriptions.
+const EDGE_QUEUE_GROUP: &str = "baton-orchestrators";
+
+/// How an orchestrator node is set up.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Where the journal file lives (`<data_dir>/journal.redb`).
+    pub data_dir: PathBuf,
+}
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// NATS / JetStream setup failed.
+    #[error(transparent)]
+    Transport(#[from] baton_transport::Error),
+    /// The journal could not be opened or read.
+    #[error(transparent)]
+    Journal(#[from] journal::Error),
+    /// An actor could not be spawned.
+    #[error("actor: {0}")]
+    Actor(String),
+    /// I/O on the data directory.
+    #[error("data dir: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running orchestrator node.
+pub struct Orchestrator {
+    supervisor: ActorRef<SupervisorMsg>,
+    tasks: Vec<JoinHandle<()>>,
+    recovered: usize,
+}
+
+impl Orchestrator {
+    /// Starts a node on `client` serving the workflows of `registry`.
+    pub async fn start(
+        client: Client,
+        registry: Registry,
+        options: NodeOptions,
+    ) -> Result<Orchestrator, Error> {
+        std::fs::create_dir_all(&options.data_dir)?;
+        let streams = Streams::ensure(&client).await?;
+        let journal = Journal::open(
+            &options.data_dir.join("journal.redb"),
+            Some(streams.clone()),
+        )?;
+        let (closed, _) = broadcast::channel(4096);
+        let rt = Arc::new(Runtime {
+            journal,
+            streams: streams.clone(),
+            registry: Arc::new(registry),
+            closed,
+            executions: Mutex::new(HashMap::new()),
+        });
+        let (supervisor, _) = Actor::spawn(None, Supervisor, rt.clone())
+            .await
+            .map_err(|e| Error::Actor(e.to_string()))?;
+
+        // 1. Rebuild every open run from the journal.
+        let open = rt.journal.open_runs()?;
+        let recovered = open.len();
+        for run in open {
+            rt.journal.reconcile_mirror(&run.run_id).await?;
+            let history = rt.journal.history(&run.run_id)?;
+            tracing::info!(workflow_id = %run.workflow_id, run_id = %run.run_id, events = history.len(), "recovering run");
+            supervisor
+                .send_message(SupervisorMsg::Spawn(ExecArgs {
+                    rt: rt.clone(),
+                    run,
+                    history,
+                    recovering: true,
+                }))
+                .map_err(|e| Error::Actor(e.to_string()))?;
+        }
+
+        // 2. Apply the reports that waited while the node was down.
+        let consumer = streams.report_consumer().await?;
+        let mut tasks = vec![tokio::spawn(report_feed(rt.clone(), consumer.clone()))];
+        if recovered > 0 {
+            // 3. Then republish the tasks JetStream no longer holds.
+            let rt2 = rt.clone();
+            tasks.push(tokio::spawn(async move {
+                wait_for_drain(consumer).await;
+                let executions: Vec<ActorRef<ExecMsg>> = rt2
+                    .executions
+                    .lock()
+                    .expect("executions lock")
+                    .values()
+                    .cloned()
+                    .collect();
+                for e in executions {
+                    let _ = e.send_message(ExecMsg::Redispatch);
+                }
+                tracing::info!("recovery complete");
+            }));
+        }
+
+        let starts = client
+            .queue_subscribe(subject::START_ALL, EDGE_QUEUE_GROUP.into())
+            .await
+            .map_err(|e| Error::Transport(baton_transport::Error::Nats(e.to_string())))?;
+        let api = client
+            .queue_subscribe(subject::API_ALL, EDGE_QUEUE_GROUP.into())
+            .await
+            .map_err(|e| Error::Transport(baton_transport::Error::Nats(e.to_string())))?;
+        tasks.push(tokio::spawn(edge(
+            rt.clone(),
+            client.clone(),
+            starts,
+            supervisor.clone(),
+            handle_start,
+        )));
+        tasks.push(tokio::spawn(edge(
+            rt.clone(),
+            client.clone(),
+            api,
+            supervisor.clone(),
+            handle_api,
+        )));
+        tracing::info!(recovered, workflows = ?rt.registry.workflow_names(), "orchestrator started");
+        Ok(Orchestrator {
+            supervisor,
+            tasks,
+            recovered,
+        })
+    }
+
+    /// How many open runs were recovered at start-up.
+    pub fn recovered(&self) -> usize {
+        self.recovered
+    }
+
+    /// Stops serving. Open runs stay in the journal and resume at the next start.
+    pub async fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.supervisor.stop(None);
+    }
+}
+
+async fn wait_for_drain(consumer: async_nats::jetstream::consumer::PullConsumer) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut consumer = consumer;
+    while tokio::time::Instant::now() < deadline {
+        match consumer.info().await {
+            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => return,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "report consumer info failed"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::warn!("reports still pending after 10 s; redispatching anyway");
+}
+
+/// Feeds reports to their executions; acks each once it is journaled or known stale.
+async fn report_feed(rt: Arc<Runtime>, consumer: async_nats::jetstream::consumer::PullConsumer) {
+    loop {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "report feed: subscribe failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(item) = messages.next().await {
+            match item {
+                Ok(message) => {
+                    let rt = rt.clone();
+                    tokio::spawn(async move { on_report(rt, message).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "report feed error");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn on_report(rt: Arc<Runtime>, message: async_nats::jetstream::Message) {
+    let report: ActivityReport = match codec::decode(&message.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(subject = %message.subject, error = %e, "poison report terminated");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let actor = rt
+        .executions
+        .lock()
+        .expect("executions lock")
+        .get(&report.run_id)
+        .cloned();
+    let outcome = match actor {
+        Some(actor) => match ractor::call_t!(actor, ExecMsg::Report, 30_000, report.clone()) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e.to_string()),
+        },
+        None => match rt.journal.run(&report.run_id) {
+            Ok(Some(run)) if run.status == RunStatus::Running => {
+                Err("run not in memory yet".into())
+            }
+            Ok(_) => {
+                tracing::info!(run_id = %report.run_id, seq = report.seq, attempt = report.attempt, "dropped report of a closed or unknown run");
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    match outcome {
+        Ok(()) => {
+            if let Err(e) = message.double_ack().await {
+                tracing::warn!(error = %e, "report ack failed; it will be redelivered and dropped as stale");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(run_id = %report.run_id, seq = report.seq, error = %e, "report not applied; redelivering");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+}
+
+type Handler = fn(
+    Arc<Runtime>,
+    ActorRef<SupervisorMsg>,
+    async_nats::Message,
+) -> futures::future::BoxFuture<'static, Reply>;
+
+/// A reply body and its format.
+struct Reply {
+    format: Format,
+    body: Result<serde_json::Value, ErrorReply>,
+}
+
+impl Reply {
+    fn err(format: Format, code: ErrorCode, message: impl Into<String>) -> Reply {
+        Reply {
+            format,
+            body: Err(ErrorReply::new(code, message)),
+        }
+    }
+    fn ok<T: serde::Serialize>(format: Format, value: &T) -> Reply {
+        match serde_json::to_value(value) {
+            Ok(v) => Reply {
+                format,
+                body: Ok(v),
+            },
+            Err(e) => Reply::err(format, ErrorCode::Internal, e.to_string()),
+        }
+    }
+}
+
+async fn edge(
+    rt: Arc<Runtime>,
+    client: Client,
+    mut sub: async_nats::Subscriber,
+    supervisor: ActorRef<SupervisorMsg>,
+    handler: Handler,
+) {
+    while let Some(message) = sub.next().await {
+        let (rt, client, supervisor) = (rt.clone(), client.clone(), supervisor.clone());
+        tokio::spawn(async move {
+            let Some(reply_to) = message.reply.clone() else {
+                tracing::warn!(subject = %message.subject, "edge request without a reply subject ignored");
+                return;
+            };
+            let reply = handler(rt, supervisor, message).await;
+            let (bytes, content_type) = match (&reply.body, reply.format) {
+                (Ok(v), f) => (f.encode(v), f),
+                (Err(e), f) => (f.encode(e), f),
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                CONTENT_TYPE,
+                if content_type == Format::Msgpack {
+                    codec::MSGPACK
+                } else {
+                    codec::JSON
+                },
+            );
+            match bytes {
+                Ok(b) => {
+                    if let Err(e) = client
+                        .publish_with_headers(reply_to, headers, b.into())
+                        .await
+                    {
+                        tracing::warn!(error = %e, "edge reply failed");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "edge reply not encodable"),
+            }
+        });
+    }
+}
+
+/// Decodes an edge request body, refusing oversize and malformed ones.
+fn decode_edge<T: serde::de::DeserializeOwned>(
+    message: &async_nats::Message,
+) -> Result<(T, Format), Reply> {
+    let format = Format::of_message(message)
+        .map_err(|e| Reply::err(Format::Json, ErrorCode::BadRequest, e.to_string()))?;
+    if message.payload.len() > MAX_EDGE_BODY {
+        return Err(Reply::err(
+            format,
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "body is {} bytes; the limit is {MAX_EDGE_BODY}",
+                message.payload.len()
+            ),
+        ));
+    }
+    let value = format.decode::<T>(&message.payload).map_err(|e| {
+        Reply::err(
+            format,
+            ErrorCode::BadRequest,
+            format!("malformed body: {e}"),
+        )
+    })?;
+    Ok((value, format))
+}
+
+fn handle_start(
+    rt: Arc<Runtime>,
+    supervisor: ActorRef<SupervisorMsg>,
+    message: async_nats::Message,
+) -> futures::future::BoxFuture<'static, Reply> {
+    Box::pin(async move {
+        let (request, format) = match decode_edge::<StartRequest>(&message) {
+            Ok(x) => x,
+            Err(reply) => return reply,
+        };
+        let workflow_type = subject::workflow_type_of_start(&message.subject)
+            .unwrap_or_default()
+            .to_string();
+        let Some(def) = rt.registry.workflow_def(&workflow_type) else {
+            return Reply::err(
+                format,
+                ErrorCode::UnknownWorkflowType,
+                format!(
+                    "no workflow type {workflow_type:?}; registered: {}",
+                    rt.registry.workflow_names().join(", ")
+                ),
+            );
+        };
+        let workflow_id = match request.workflow_id {
+            Some(id) => {
+                if let Err(e) = ids::validate_workflow_id(&id) {
+                    return Reply::err(format, ErrorCode::InvalidWorkflowId, e.to_string());
+                }
+                id
+            }
+            None => format!("{workflow_type}-{}", uuid::Uuid::new_v4().simple()),
+        };
+        let input = match Payload::encode(&request.input) {
+            Ok(p) => p,
+            Err(e) => return Reply::err(format, ErrorCode::BadRequest, e.to_string()),
+        };
+        if let Err(e) = def.check_input(&input) {
+            return Reply::err(
+                format,
+                ErrorCode::BadRequest,
+                format!("input does not fit workflow {workflow_type:?}: {e}"),
+            );
+        }
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        let at_ms = now_ms();
+        let record = RunRecord {
+            workflow_id: workflow_id.clone(),
+            run_id: run_id.clone(),
+            workflow_type: workflow_type.clone(),
+            status: RunStatus::Running,
+            started_ms: at_ms,
+            closed_ms: None,
+            last_event_id: 1,
+        };
+        let event = Event {
+            id: 1,
+            at_ms,
+            kind: EventKind::WorkflowStarted {
+                workflow_type,
+                workflow_id: workflow_id.clone(),
+                input,
+            },
+        };
+        match rt.journal.start(record.clone(), event.clone()).await {
+            Ok(StartOutcome::Started) => {
+                let args = ExecArgs {
+                    rt: rt.clone(),
+                    run: record,
+                    history: vec![event],
+                    recovering: false,
+                };
+                if let Err(e) = supervisor.send_message(SupervisorMsg::Spawn(args)) {
+                    tracing::error!(error = %e, "supervisor gone; the run starts at the next restart");
+                }
+                tracing::info!(%workflow_id, %run_id, "workflow started");
+                Reply::ok(
+                    format,
+                    &StartReply {
+                        workflow_id,
+                        run_id,
+                        status: StartStatus::Started,
+                    },
+                )
+            }
+            Ok(StartOutcome::Duplicate(existing)) => Reply::ok(
+                format,
+                &StartReply {
+                    workflow_id,
+                    run_id: existing.run_id,
+                    status: StartStatus::Duplicate,
+                },
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, %workflow_id, "start not made durable");
+                Reply::err(
+                    format,
+                    ErrorCode::Unavailable,
+                    format!("the start was not made durable: {e}"),
+                )
+            }
+        }
+    })
+}
+
+fn handle_api(
+    rt: Arc<Runtime>,
+    _: ActorRef<SupervisorMsg>,
+    message: async_nats::Message,
+) -> futures::future::BoxFuture<'static, Reply> {
+    Box::pin(async move {
+        match message.subject.as_str() {
+            subject::API_RESULT => match decode_edge::<ResultRequest>(&message) {
+                Ok((req, f)) => result(&rt, req, f).await,
+                Err(r) => r,
+            },
+            subject::API_DESCRIBE => match decode_edge::<WorkflowRef>(&message) {
+                Ok((req, f)) => with_run(&rt, &req.workflow_id, f, |run, history| {
+                    Reply::ok(f, &info(run, history))
+                }),
+                Err(r) => r,
+            },
+            subject::API_HISTORY => match decode_edge::<WorkflowRef>(&message) {
+                Ok((req, f)) => with_run(&rt, &req.workflow_id, f, |run, history| {
+                    Reply::ok(
+                        f,
+                        &HistoryReply {
+                            workflow_id: run.workflow_id.clone(),
+                            run_id: run.run_id.clone(),
+                            events: history.iter().map(Event::to_json).collect(),
+                        },
+                    )
+                }),
+                Err(r) => r,
+            },
+            subject::API_LIST => match decode_edge::<ListRequest>(&message) {
+                Ok((req, f)) => list(&rt, req, f),
+                Err(r) => r,
+            },
+            other => Reply::err(
+                Format::Json,
+                ErrorCode::BadRequest,
+                format!("unknown API subject {other:?}"),
+            ),
+        }
+    })
+}
+
+fn with_run(
+    rt: &Runtime,
+    workflow_id: &str,
+    f: Format,
+    then: impl FnOnce(&RunRecord, &[Event]) -> Reply,
+) -> Reply {
+    match rt.journal.run_of(workflow_id) {
+        Ok(Some(run)) => match rt.journal.history(&run.run_id) {
+            Ok(history) => then(&run, &history),
+            Err(e) => Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+        },
+        Ok(None) => Reply::err(
+            f,
+            ErrorCode::NotFound,
+            format!("no workflow {workflow_id:?}"),
+        ),
+        Err(e) => Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+    }
+}
+
+fn closed_result(run: &RunRecord, history: &[Event]) -> Option<ResultReply> {
+    match history.last().map(|e| &e.kind) {
+        Some(EventKind::WorkflowCompleted { output }) => Some(ResultReply::Completed {
+            output: output.to_json(),
+        }),
+        Some(EventKind::WorkflowFailed { failure }) => Some(ResultReply::Failed {
+            error: serde_json::to_value(failure).unwrap_or_default(),
+        }),
+        _ if run.status == RunStatus::Running => None,
+        _ => Some(ResultReply::Failed {
+            error: serde_json::json!({"kind": "Corrupt", "message": "closed run without a close event"}),
+        }),
+    }
+}
+
+async fn result(rt: &Runtime, req: ResultRequest, f: Format) -> Reply {
+    let mut closed = rt.closed.subscribe();
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(req.wait_ms).min(MAX_RESULT_WAIT);
+    loop {
+        let reply = with_run(rt, &req.workflow_id, f, |run, history| match closed_result(
+            run, history,
+        ) {
+            Some(r) => Reply::ok(f, &r),
+            None => Reply::ok(f, &ResultReply::Running),
+        });
+        let running = matches!(&reply.body, Ok(v) if v.get("status").and_then(|s| s.as_str()) == Some("running"));
+        if !running {
+            return reply;
+        }
+        // Wait for this workflow to close, or the deadline.
+        loop {
+            match tokio::time::timeout_at(deadline, closed.recv()).await {
+                Err(_) => return reply,
+                Ok(Ok(id)) if id == req.workflow_id => break,
+                Ok(Ok(_)) => continue,
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => break,
+                Ok(Err(broadcast::error::RecvError::Closed)) => return reply,
+            }
+        }
+    }
+}
+
+fn info(run: &RunRecord, history: &[Event]) -> WorkflowInfo {
+    let mut pending: std::collections::BTreeMap<u32, serde_json::Value> = Default::default();
+    for e in history {
+        match &e.kind {
+            EventKind::ActivityScheduled {
+                seq,
+                activity,
+                options,
+                ..
+            } => {
+                pending.insert(*seq, serde_json::json!({"seq": seq, "activity": activity, "queue": options.task_queue, "attempt": 1}));
+            }
+            EventKind::ActivityFailed {
+                seq,
+                attempt,
+                retry_in_ms: Some(_),
+                ..
+            } => {
+                if let Some(p) = pending.get_mut(seq) {
+                    p["attempt"] = serde_json::json!(attempt + 1);
+                }
+            }
+            EventKind::ActivityCompleted { seq, .. } | EventKind::ActivityFailed { seq, .. } => {
+                pending.remove(seq);
+            }
+            _ => {}
+        }
+    }
+    WorkflowInfo {
+        workflow_id: run.workflow_id.clone(),
+        run_id: run.run_id.clone(),
+        workflow_type: run.workflow_type.clone(),
+        status: run.status.as_str().into(),
+        started_ms: run.started_ms,
+        closed_ms: run.closed_ms,
+        events: run.last_event_id,
+        pending_activities: pending.into_values().collect(),
+    }
+}
+
+fn list(rt: &Runtime, req: ListRequest, f: Format) -> Reply {
+    let status = match req.status.as_deref() {
+        None => None,
+        Some("running") => Some(RunStatus::Running),
+        Some("completed") => Some(RunStatus::Completed),
+        Some("failed") => Some(RunStatus::Failed),
+        Some(other) => {
+            return Reply::err(
+                f,
+                ErrorCode::BadRequest,
+                format!("unknown status {other:?}"),
+            );
+        }
+    };
+    let limit = req.limit.unwrap_or(100).min(10_000);
+    match rt.journal.list(status, limit) {
+        Ok(runs) => Reply::ok(
+            f,
+            &ListReply {
+                workflows: runs.iter().map(|r| info(r, &[])).collect(),
+            },
+        ),
+        Err(e) => Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+    }
+}

@@ -35,20 +35,29 @@ impl RetryPolicy {
 
     /// Adds failure kinds that are never retried.
     pub fn non_retryable(mut self, kinds: &[&str]) -> Self {
-        self.non_retryable_error_types.extend(kinds.iter().map(|k| k.to_string()));
+        self.non_retryable_error_types
+            .extend(kinds.iter().map(|k| k.to_string()));
         self
     }
 
     /// The delay before the next attempt after `attempt` failed with `failure`, or `None`
     /// when the failure is final (not retryable, a non-retryable kind, or attempts used up).
     pub fn next_delay(&self, attempt: u32, failure: &Failure) -> Option<Duration> {
-        if !failure.retryable || self.non_retryable_error_types.iter().any(|k| *k == failure.kind) {
+        if !failure.retryable
+            || self
+                .non_retryable_error_types
+                .iter()
+                .any(|k| *k == failure.kind)
+        {
             return None;
         }
         if self.maximum_attempts != 0 && attempt >= self.maximum_attempts {
             return None;
         }
-        let exp = self.backoff_coefficient.max(1.0).powi(attempt.saturating_sub(1) as i32);
+        let exp = self
+            .backoff_coefficient
+            .max(1.0)
+            .powi(attempt.saturating_sub(1) as i32);
         let mut ms = self.initial_interval_ms as f64 * exp;
         if self.maximum_interval_ms > 0 {
             ms = ms.min(self.maximum_interval_ms as f64);
@@ -94,14 +103,24 @@ mod tests {
     use super::*;
 
     fn fail(kind: &str, retryable: bool) -> Failure {
-        Failure { kind: kind.into(), message: String::new(), retryable }
+        Failure {
+            kind: kind.into(),
+            message: String::new(),
+            retryable,
+        }
     }
 
     #[test]
     fn backoff_grows_and_stops_at_the_maximum_attempts() {
         let p = RetryPolicy::exponential(Duration::from_secs(1), 2.0, 3);
-        assert_eq!(p.next_delay(1, &fail("io", true)), Some(Duration::from_secs(1)));
-        assert_eq!(p.next_delay(2, &fail("io", true)), Some(Duration::from_secs(2)));
+        assert_eq!(
+            p.next_delay(1, &fail("io", true)),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            p.next_delay(2, &fail("io", true)),
+            Some(Duration::from_secs(2))
+        );
         assert_eq!(p.next_delay(3, &fail("io", true)), None);
     }
 
@@ -109,12 +128,16 @@ mod tests {
     fn maximum_interval_caps_the_delay() {
         let mut p = RetryPolicy::exponential(Duration::from_secs(1), 10.0, 0);
         p.maximum_interval_ms = 5_000;
-        assert_eq!(p.next_delay(4, &fail("io", true)), Some(Duration::from_secs(5)));
+        assert_eq!(
+            p.next_delay(4, &fail("io", true)),
+            Some(Duration::from_secs(5))
+        );
     }
 
     #[test]
     fn non_retryable_failures_are_final() {
-        let p = RetryPolicy::exponential(Duration::from_secs(1), 2.0, 5).non_retryable(&["ValidationError"]);
+        let p = RetryPolicy::exponential(Duration::from_secs(1), 2.0, 5)
+            .non_retryable(&["ValidationError"]);
         assert_eq!(p.next_delay(1, &fail("ValidationError", true)), None);
         assert_eq!(p.next_delay(1, &fail("io", false)), None);
     }

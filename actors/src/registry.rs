@@ -19,12 +19,18 @@ use crate::{
 pub type Policies = HashMap<String, ActivityOptions>;
 
 /// A type-erased workflow function.
-pub type WorkflowFn =
-    Arc<dyn Fn(WorkflowContext, Payload) -> BoxFuture<'static, Result<Payload, WorkflowError>> + Send + Sync>;
+pub type WorkflowFn = Arc<
+    dyn Fn(WorkflowContext, Payload) -> BoxFuture<'static, Result<Payload, WorkflowError>>
+        + Send
+        + Sync,
+>;
 
 /// A type-erased activity function.
-pub type ActivityFn =
-    Arc<dyn Fn(ActivityContext, Payload) -> BoxFuture<'static, Result<Payload, ActivityError>> + Send + Sync>;
+pub type ActivityFn = Arc<
+    dyn Fn(ActivityContext, Payload) -> BoxFuture<'static, Result<Payload, ActivityError>>
+        + Send
+        + Sync,
+>;
 
 type InputCheck = Arc<dyn Fn(&Payload) -> Result<(), String> + Send + Sync>;
 
@@ -91,12 +97,21 @@ impl Registry {
                     .decode()
                     .map_err(|e| WorkflowError::new("InvalidInput", e.to_string()))?;
                 let output = f(ctx, input).await?;
-                Payload::encode(&output).map_err(|e| WorkflowError::new("EncodeError", e.to_string()))
+                Payload::encode(&output)
+                    .map_err(|e| WorkflowError::new("EncodeError", e.to_string()))
             }
             .boxed()
         });
-        let check_input: InputCheck = Arc::new(|p: &Payload| p.decode::<I>().map(|_| ()).map_err(|e| e.to_string()));
-        self.workflows.insert(name.into(), WorkflowDef { name: name.into(), run, check_input });
+        let check_input: InputCheck =
+            Arc::new(|p: &Payload| p.decode::<I>().map(|_| ()).map_err(|e| e.to_string()));
+        self.workflows.insert(
+            name.into(),
+            WorkflowDef {
+                name: name.into(),
+                run,
+                check_input,
+            },
+        );
         Ok(self)
     }
 
@@ -127,7 +142,8 @@ impl Registry {
                     .decode()
                     .map_err(|e| ActivityError::non_retryable("InvalidInput", e.to_string()))?;
                 let output = f(ctx, input).await?;
-                Payload::encode(&output).map_err(|e| ActivityError::non_retryable("EncodeError", e.to_string()))
+                Payload::encode(&output)
+                    .map_err(|e| ActivityError::non_retryable("EncodeError", e.to_string()))
             }
             .boxed()
         });

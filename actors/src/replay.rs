@@ -81,19 +81,29 @@ impl Execution {
         match &event.kind {
             EventKind::WorkflowStarted { input, .. } => {
                 if self.future.is_some() {
-                    return Err(Nondeterminism(format!("event {}: a second workflow_started", event.id)));
+                    return Err(Nondeterminism(format!(
+                        "event {}: a second workflow_started",
+                        event.id
+                    )));
                 }
                 self.future = Some((self.run)(self.ctx.clone(), input.clone()));
             }
             EventKind::ActivityScheduled { seq, activity, .. } => {
                 self.recorded.insert(*seq, activity.clone());
             }
-            EventKind::ActivityCompleted { seq, result, .. } => self.resolve(*seq, Ok(result.clone())),
-            EventKind::ActivityFailed { seq, failure, retry_in_ms: None, .. } => {
-                self.resolve(*seq, Err(failure.clone()))
+            EventKind::ActivityCompleted { seq, result, .. } => {
+                self.resolve(*seq, Ok(result.clone()))
             }
+            EventKind::ActivityFailed {
+                seq,
+                failure,
+                retry_in_ms: None,
+                ..
+            } => self.resolve(*seq, Err(failure.clone())),
             EventKind::ActivityFailed { .. } => {}
-            EventKind::WorkflowCompleted { .. } | EventKind::WorkflowFailed { .. } => self.recorded_close = true,
+            EventKind::WorkflowCompleted { .. } | EventKind::WorkflowFailed { .. } => {
+                self.recorded_close = true
+            }
         }
         Ok(())
     }
@@ -121,7 +131,14 @@ impl Execution {
                 returned = Some(r);
             }
         }
-        let commands = std::mem::take(&mut self.ctx.shared.lock().expect("workflow context lock").commands);
+        let commands = std::mem::take(
+            &mut self
+                .ctx
+                .shared
+                .lock()
+                .expect("workflow context lock")
+                .commands,
+        );
         for command in commands {
             if let Command::ScheduleActivity { seq, activity, .. } = &command {
                 self.emitted = self.emitted.max(seq + 1);
@@ -166,7 +183,11 @@ mod tests {
     const COUNT: ActivityDef<String, usize> = ActivityDef::new("count");
 
     fn opts() -> ActivityOptions {
-        ActivityOptions::new("cpu", Duration::from_secs(5), RetryPolicy::exponential(Duration::from_secs(1), 2.0, 3))
+        ActivityOptions::new(
+            "cpu",
+            Duration::from_secs(5),
+            RetryPolicy::exponential(Duration::from_secs(1), 2.0, 3),
+        )
     }
 
     /// upper(text) -> count(upper) -> "<upper>:<count>"; falls back to "fallback" when
@@ -198,13 +219,22 @@ mod tests {
         r.workflow("two_steps", two_steps).unwrap();
         r.workflow("parallel", parallel).unwrap();
         r.workflow("reordered", reordered).unwrap();
-        r.activity(&UPPER, opts(), |_, s: String| async move { Ok(s.to_uppercase()) }).unwrap();
-        r.activity(&COUNT, opts(), |_, s: String| async move { Ok(s.len()) }).unwrap();
+        r.activity(&UPPER, opts(), |_, s: String| async move {
+            Ok(s.to_uppercase())
+        })
+        .unwrap();
+        r.activity(&COUNT, opts(), |_, s: String| async move { Ok(s.len()) })
+            .unwrap();
         r
     }
 
     fn execution(r: &Registry, name: &str) -> Execution {
-        Execution::new(r.workflow_def(name).unwrap().run.clone(), "wf-1", "run-1", r.policies().clone())
+        Execution::new(
+            r.workflow_def(name).unwrap().run.clone(),
+            "wf-1",
+            "run-1",
+            r.policies().clone(),
+        )
     }
 
     /// Builds canned histories event by event.
@@ -214,7 +244,11 @@ mod tests {
     impl HistoryBuilder {
         fn push(mut self, kind: EventKind) -> Self {
             let id = self.0.len() as u32 + 1;
-            self.0.push(Event { id, at_ms: 1_000 + id as u64, kind });
+            self.0.push(Event {
+                id,
+                at_ms: 1_000 + id as u64,
+                kind,
+            });
             self
         }
         fn started(self, wf: &str, input: &str) -> Self {
@@ -245,7 +279,11 @@ mod tests {
                 seq,
                 attempt,
                 worker: "w".into(),
-                failure: Failure { kind: "Boom".into(), message: "boom".into(), retryable: true },
+                failure: Failure {
+                    kind: "Boom".into(),
+                    message: "boom".into(),
+                    retryable: true,
+                },
                 retry_in_ms,
             })
         }
@@ -282,7 +320,11 @@ mod tests {
     fn a_new_execution_schedules_its_first_activity() {
         let r = registry();
         let mut exec = execution(&r, "two_steps");
-        let cmds = replay(&mut exec, &HistoryBuilder::default().started("two_steps", "hi").build()).unwrap();
+        let cmds = replay(
+            &mut exec,
+            &HistoryBuilder::default().started("two_steps", "hi").build(),
+        )
+        .unwrap();
         assert_eq!(scheduled_names(&cmds), vec![(0, "upper".into())]);
         match &cmds[0] {
             Command::ScheduleActivity { input, options, .. } => {
@@ -335,11 +377,20 @@ mod tests {
             .completed(1, 3usize)
             .build();
         exec.apply(&h[0]).unwrap();
-        assert_eq!(scheduled_names(&exec.advance().unwrap()), vec![(0, "upper".into())]);
+        assert_eq!(
+            scheduled_names(&exec.advance().unwrap()),
+            vec![(0, "upper".into())]
+        );
         exec.apply(&h[1]).unwrap();
-        assert!(exec.advance().unwrap().is_empty(), "nothing new until the result arrives");
+        assert!(
+            exec.advance().unwrap().is_empty(),
+            "nothing new until the result arrives"
+        );
         exec.apply(&h[2]).unwrap();
-        assert_eq!(scheduled_names(&exec.advance().unwrap()), vec![(1, "count".into())]);
+        assert_eq!(
+            scheduled_names(&exec.advance().unwrap()),
+            vec![(1, "count".into())]
+        );
         exec.apply(&h[3]).unwrap();
         exec.apply(&h[4]).unwrap();
         assert_eq!(output(&exec.advance().unwrap()).as_deref(), Some("ABC:3"));
@@ -354,7 +405,10 @@ mod tests {
             .failed(0, 1, Some(1000))
             .build();
         let mut exec = execution(&r, "two_steps");
-        assert!(replay(&mut exec, &retrying).unwrap().is_empty(), "still waiting on attempt 2");
+        assert!(
+            replay(&mut exec, &retrying).unwrap().is_empty(),
+            "still waiting on attempt 2"
+        );
 
         let given_up = HistoryBuilder::default()
             .started("two_steps", "hi")
@@ -364,15 +418,26 @@ mod tests {
             .build();
         let mut exec = execution(&r, "two_steps");
         let cmds = replay(&mut exec, &given_up).unwrap();
-        assert_eq!(output(&cmds).as_deref(), Some("fallback"), "the workflow handled the final error");
+        assert_eq!(
+            output(&cmds).as_deref(),
+            Some("fallback"),
+            "the workflow handled the final error"
+        );
     }
 
     #[test]
     fn concurrent_activities_are_scheduled_together_and_joined() {
         let r = registry();
         let mut exec = execution(&r, "parallel");
-        let cmds = replay(&mut exec, &HistoryBuilder::default().started("parallel", "ab").build()).unwrap();
-        assert_eq!(scheduled_names(&cmds), vec![(0, "upper".into()), (1, "count".into())]);
+        let cmds = replay(
+            &mut exec,
+            &HistoryBuilder::default().started("parallel", "ab").build(),
+        )
+        .unwrap();
+        assert_eq!(
+            scheduled_names(&cmds),
+            vec![(0, "upper".into()), (1, "count".into())]
+        );
         let h = HistoryBuilder::default()
             .started("parallel", "ab")
             .scheduled(0, "upper", "ab")
@@ -381,7 +446,10 @@ mod tests {
             .completed(0, "AB")
             .build();
         let mut exec = execution(&r, "parallel");
-        assert_eq!(output(&replay(&mut exec, &h).unwrap()).as_deref(), Some("AB:2"));
+        assert_eq!(
+            output(&replay(&mut exec, &h).unwrap()).as_deref(),
+            Some("AB:2")
+        );
     }
 
     #[test]
@@ -394,7 +462,10 @@ mod tests {
             .build();
         let mut exec = execution(&r, "reordered");
         let err = replay(&mut exec, &h).unwrap_err();
-        assert!(err.0.contains("\"upper\"") && err.0.contains("\"count\""), "{err}");
+        assert!(
+            err.0.contains("\"upper\"") && err.0.contains("\"count\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -419,7 +490,9 @@ mod tests {
         let h = HistoryBuilder::default()
             .started("two_steps", "hi")
             .scheduled(0, "upper", "hi")
-            .push(EventKind::WorkflowCompleted { output: Payload::encode("HI:2").unwrap() })
+            .push(EventKind::WorkflowCompleted {
+                output: Payload::encode("HI:2").unwrap(),
+            })
             .build();
         let mut exec = execution(&r, "two_steps");
         assert!(replay(&mut exec, &h).is_err());
@@ -434,7 +507,11 @@ mod tests {
         })
         .unwrap();
         let mut exec = execution(&r, "uses_nope");
-        let cmds = replay(&mut exec, &HistoryBuilder::default().started("uses_nope", "x").build()).unwrap();
+        let cmds = replay(
+            &mut exec,
+            &HistoryBuilder::default().started("uses_nope", "x").build(),
+        )
+        .unwrap();
         match &cmds[..] {
             [Command::FailWorkflow { failure }] => assert_eq!(failure.kind, "UnregisteredActivity"),
             other => panic!("unexpected {other:?}"),

@@ -1,0 +1,544 @@
+//! Worker pools. A [`Pool`] actor serves one task queue: it pulls tasks from the queue's
+//! durable JetStream consumer, never more than it has free slots, and supervises one
+//! [`Runner`] actor per running activity.
+//!
+//! - A runner heartbeats to its pool through its [`ActivityContext`]; the pool kills a
+//!   runner that misses its heartbeat deadline or overruns its start-to-close timeout and
+//!   reports the attempt failed. A runner that panics is reported failed at once.
+//! - While a task runs, the pool tells JetStream every second that it is in progress. A
+//!   task is acked only after its report is stored in JetStream, so if the worker process
+//!   dies, the task is redelivered to another worker once `TASK_ACK_WAIT` passes.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use baton_transport::{
+    Payload, codec,
+    jetstream::Streams,
+    subject,
+    wire::{ActivityOutcome, ActivityReport, ActivityTask, Failure},
+};
+use futures::StreamExt;
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+
+use crate::{
+    activity::{ActivityContext, ActivityInfo},
+    error::ActivityError,
+    registry::{ActivityFn, Registry},
+};
+
+/// How a pool is set up.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// The task queue served.
+    pub queue: String,
+    /// Most activities run at once.
+    pub concurrency: usize,
+    /// This worker's name in reports.
+    pub worker_id: String,
+}
+
+/// Handle on a running pool.
+pub struct PoolHandle {
+    /// The pool actor.
+    pub actor: ActorRef<PoolMsg>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl PoolHandle {
+    /// Stops the pool (running activities are abandoned; their tasks are redelivered).
+    pub async fn stop(self) {
+        self.actor.stop(None);
+        let _ = self.join.await;
+    }
+}
+
+/// Starts a pool for `options.queue`.
+pub async fn start_pool(
+    streams: Streams,
+    registry: Arc<Registry>,
+    options: PoolOptions,
+) -> Result<PoolHandle, ActorProcessingErr> {
+    baton_transport::ids::validate_name("task queue", &options.queue)?;
+    let consumer = streams.queue_consumer(&options.queue).await?;
+    let args = PoolArgs {
+        streams,
+        consumer,
+        registry,
+        options,
+    };
+    let (actor, join) = Actor::spawn(None, Pool, args).await?;
+    Ok(PoolHandle { actor, join })
+}
+
+/// Messages of a pool.
+pub enum PoolMsg {
+    /// Pull more tasks if slots are free.
+    Fetch,
+    /// A task pulled from JetStream.
+    Delivered(Box<jetstream::Message>),
+    /// A pull request ended.
+    FetchDone {
+        /// Slots it had reserved.
+        requested: usize,
+        /// Tasks it delivered.
+        received: usize,
+    },
+    /// A runner's heartbeat.
+    Heartbeat {
+        /// The running task's key.
+        key: u64,
+        /// Progress details.
+        details: Option<Payload>,
+    },
+    /// A runner finished its activity.
+    Finished {
+        /// The running task's key.
+        key: u64,
+        /// What the activity returned.
+        result: Result<Payload, ActivityError>,
+    },
+    /// Periodic: progress acks and deadline checks.
+    Tick,
+}
+
+/// What a pool is started with.
+pub struct PoolArgs {
+    streams: Streams,
+    consumer: PullConsumer,
+    registry: Arc<Registry>,
+    options: PoolOptions,
+}
+
+struct Running {
+    task: ActivityTask,
+    message: jetstream::Message,
+    runner: ActorRef<RunnerMsg>,
+    started: Instant,
+    last_heartbeat: Instant,
+    /// Set when the pool killed the runner, with the failure to report.
+    killed: Option<Failure>,
+}
+
+/// The pool actor.
+pub struct Pool;
+
+/// The pool's state.
+pub struct PoolState {
+    args: PoolArgs,
+    running: HashMap<u64, Running>,
+    by_actor: HashMap<ActorId, u64>,
+    reserved: usize,
+    fetching: bool,
+    next_key: u64,
+}
+
+impl PoolState {
+    fn free(&self) -> usize {
+        self.args
+            .options
+            .concurrency
+            .saturating_sub(self.running.len() + self.reserved)
+    }
+}
+
+impl Actor for Pool {
+    type Msg = PoolMsg;
+    type State = PoolState;
+    type Arguments = PoolArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<PoolMsg>,
+        args: PoolArgs,
+    ) -> Result<PoolState, ActorProcessingErr> {
+        myself.send_interval(Duration::from_secs(1), || PoolMsg::Tick);
+        myself.send_message(PoolMsg::Fetch)?;
+        tracing::info!(queue = %args.options.queue, concurrency = args.options.concurrency, worker = %args.options.worker_id, "worker pool started");
+        Ok(PoolState {
+            args,
+            running: HashMap::new(),
+            by_actor: HashMap::new(),
+            reserved: 0,
+            fetching: false,
+            next_key: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<PoolMsg>,
+        msg: PoolMsg,
+        state: &mut PoolState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PoolMsg::Fetch => fetch(&myself, state),
+            PoolMsg::Delivered(message) => {
+                state.reserved = state.reserved.saturating_sub(1);
+                start_task(&myself, state, *message).await?;
+            }
+            PoolMsg::FetchDone {
+                requested,
+                received,
+            } => {
+                state.reserved = state
+                    .reserved
+                    .saturating_sub(requested.saturating_sub(received));
+                state.fetching = false;
+                fetch(&myself, state);
+            }
+            PoolMsg::Heartbeat { key, .. } => {
+                if let Some(r) = state.running.get_mut(&key) {
+                    r.last_heartbeat = Instant::now();
+                }
+            }
+            PoolMsg::Finished { key, result } => {
+                if let Some(r) = state.running.remove(&key) {
+                    // The pool stops the runner once it holds the result, so a termination
+                    // event can never overtake the result.
+                    state.by_actor.remove(&r.runner.get_id());
+                    r.runner.stop(None);
+                    let outcome = match result {
+                        Ok(result) => ActivityOutcome::Completed { result },
+                        Err(e) => ActivityOutcome::Failed { failure: e.into() },
+                    };
+                    finish(state, &r.task, &r.message, r.started, outcome).await;
+                    fetch(&myself, state);
+                }
+            }
+            PoolMsg::Tick => tick(state).await,
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<PoolMsg>,
+        evt: SupervisionEvent,
+        state: &mut PoolState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, failure): (ActorCell, Option<Failure>) = match evt {
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
+            SupervisionEvent::ActorFailed(cell, error) => (
+                cell,
+                Some(Failure {
+                    kind: "ActivityPanic".into(),
+                    message: format!("the activity panicked: {error}"),
+                    retryable: true,
+                }),
+            ),
+            _ => return Ok(()),
+        };
+        let Some(key) = state.by_actor.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        let Some(mut r) = state.running.remove(&key) else {
+            return Ok(());
+        };
+        // Killed by the pool (deadline) or died on its own (panic): report it failed.
+        let failure = r.killed.take().or(failure).unwrap_or(Failure {
+            kind: "RunnerStopped".into(),
+            message: "the runner stopped without a result".into(),
+            retryable: true,
+        });
+        tracing::warn!(activity = %r.task.activity, run_id = %r.task.run_id, seq = r.task.seq, attempt = r.task.attempt,
+            kind = %failure.kind, "activity attempt failed in the worker");
+        finish(
+            state,
+            &r.task,
+            &r.message,
+            r.started,
+            ActivityOutcome::Failed { failure },
+        )
+        .await;
+        fetch(&myself, state);
+        Ok(())
+    }
+}
+
+/// Starts a pull for as many tasks as there are free slots, unless one is under way.
+fn fetch(myself: &ActorRef<PoolMsg>, state: &mut PoolState) {
+    let free = state.free();
+    if state.fetching || free == 0 {
+        return;
+    }
+    state.fetching = true;
+    state.reserved += free;
+    let consumer = state.args.consumer.clone();
+    let pool = myself.clone();
+    tokio::spawn(async move {
+        let mut received = 0;
+        match consumer
+            .batch()
+            .max_messages(free)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+        {
+            Ok(mut batch) => {
+                while let Some(item) = batch.next().await {
+                    match item {
+                        Ok(m) => {
+                            received += 1;
+                            let _ = pool.send_message(PoolMsg::Delivered(Box::new(m)));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pull failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pull request failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        let _ = pool.send_message(PoolMsg::FetchDone {
+            requested: free,
+            received,
+        });
+    });
+}
+
+async fn start_task(
+    myself: &ActorRef<PoolMsg>,
+    state: &mut PoolState,
+    message: jetstream::Message,
+) -> Result<(), ActorProcessingErr> {
+    let task: ActivityTask = match codec::decode(&message.payload) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(subject = %message.subject, error = %e, "poison task terminated");
+            let _ = message.ack_with(AckKind::Term).await;
+            return Ok(());
+        }
+    };
+    let Some(f): Option<ActivityFn> = state.args.registry.activity_fn(&task.activity).cloned()
+    else {
+        tracing::error!(activity = %task.activity, "task for an activity this worker does not have");
+        let failure = Failure {
+            kind: "UnknownActivity".into(),
+            message: format!(
+                "worker {} has no activity {:?}",
+                state.args.options.worker_id, task.activity
+            ),
+            retryable: false,
+        };
+        finish(
+            state,
+            &task,
+            &message,
+            Instant::now(),
+            ActivityOutcome::Failed { failure },
+        )
+        .await;
+        return Ok(());
+    };
+    let key = state.next_key;
+    state.next_key += 1;
+    let info = ActivityInfo {
+        workflow_id: task.workflow_id.clone(),
+        run_id: task.run_id.clone(),
+        activity: task.activity.clone(),
+        seq: task.seq,
+        attempt: task.attempt,
+    };
+    let pool = myself.clone();
+    let ctx = ActivityContext::new(info, move |details| {
+        let _ = pool.send_message(PoolMsg::Heartbeat { key, details });
+    });
+    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+    tracing::info!(activity = %task.activity, workflow_id = %task.workflow_id, run_id = %task.run_id, seq = task.seq,
+        attempt = task.attempt, delivered, "activity started");
+    let args = RunnerArgs {
+        f,
+        ctx,
+        input: task.input.clone(),
+        key,
+        pool: myself.clone(),
+    };
+    let (runner, _) = Actor::spawn_linked(None, Runner, args, myself.get_cell()).await?;
+    let now = Instant::now();
+    state.by_actor.insert(runner.get_id(), key);
+    state.running.insert(
+        key,
+        Running {
+            task,
+            message,
+            runner,
+            started: now,
+            last_heartbeat: now,
+            killed: None,
+        },
+    );
+    Ok(())
+}
+
+/// Publishes the report (waiting for JetStream to store it), then acks the task.
+async fn finish(
+    state: &PoolState,
+    task: &ActivityTask,
+    message: &jetstream::Message,
+    started: Instant,
+    outcome: ActivityOutcome,
+) {
+    let mut report = ActivityReport {
+        workflow_id: task.workflow_id.clone(),
+        run_id: task.run_id.clone(),
+        seq: task.seq,
+        attempt: task.attempt,
+        worker: state.args.options.worker_id.clone(),
+        outcome,
+    };
+    let limit = state.args.streams.js_max_payload();
+    let mut bytes = match codec::encode(&report) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "report not encodable");
+            return;
+        }
+    };
+    if bytes.len() > limit {
+        let size = bytes.len();
+        report.outcome = ActivityOutcome::Failed {
+            failure: Failure {
+                kind: "PayloadTooLarge".into(),
+                message: format!("the activity's result is {size} bytes; the limit is {limit}"),
+                retryable: false,
+            },
+        };
+        bytes = codec::encode(&report).unwrap_or_default();
+    }
+    let outcome = match &report.outcome {
+        ActivityOutcome::Completed { .. } => "completed",
+        ActivityOutcome::Failed { .. } => "failed",
+    };
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let stored = match state
+            .args
+            .streams
+            .js
+            .publish(subject::report(&task.run_id), bytes.clone().into())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
+            Ok(()) => break,
+            Err(e) if delay < Duration::from_secs(10) => {
+                tracing::warn!(error = %e, "report not stored; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                // Leave the task unacked: JetStream redelivers it and the attempt runs again.
+                tracing::error!(error = %e, run_id = %task.run_id, seq = task.seq, "report not stored; task left for redelivery");
+                return;
+            }
+        }
+    }
+    if let Err(e) = message.double_ack().await {
+        tracing::warn!(error = %e, "task ack failed (it may be redelivered; its report is stored)");
+    }
+    tracing::info!(activity = %task.activity, run_id = %task.run_id, seq = task.seq, attempt = task.attempt, outcome,
+        ms = started.elapsed().as_millis() as u64, "activity finished");
+}
+
+async fn tick(state: &mut PoolState) {
+    let now = Instant::now();
+    for r in state.running.values_mut() {
+        if r.killed.is_some() {
+            continue;
+        }
+        let over_time =
+            now.duration_since(r.started) > Duration::from_millis(r.task.start_to_close_ms);
+        let silent = r
+            .task
+            .heartbeat_timeout_ms
+            .is_some_and(|hb| now.duration_since(r.last_heartbeat) > Duration::from_millis(hb));
+        if over_time || silent {
+            let (kind, message) = if over_time {
+                (
+                    "StartToCloseTimeout",
+                    format!("ran longer than {} ms", r.task.start_to_close_ms),
+                )
+            } else {
+                (
+                    "HeartbeatTimeout",
+                    format!(
+                        "no heartbeat for {} ms",
+                        r.task.heartbeat_timeout_ms.unwrap_or(0)
+                    ),
+                )
+            };
+            tracing::warn!(activity = %r.task.activity, run_id = %r.task.run_id, seq = r.task.seq, kind, "killing runner");
+            r.killed = Some(Failure {
+                kind: kind.into(),
+                message,
+                retryable: true,
+            });
+            r.runner.kill();
+            continue;
+        }
+        if let Err(e) = r.message.ack_with(AckKind::Progress).await {
+            tracing::warn!(error = %e, "progress ack failed");
+        }
+    }
+}
+
+/// Messages of a runner.
+pub enum RunnerMsg {
+    /// Run the activity.
+    Run,
+}
+
+/// Runs one activity attempt; the pool stops it once it has the result.
+pub struct Runner;
+
+/// What a runner runs.
+pub struct RunnerArgs {
+    f: ActivityFn,
+    ctx: ActivityContext,
+    input: Payload,
+    key: u64,
+    pool: ActorRef<PoolMsg>,
+}
+
+impl Actor for Runner {
+    type Msg = RunnerMsg;
+    type State = Option<RunnerArgs>;
+    type Arguments = RunnerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RunnerMsg>,
+        args: RunnerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_message(RunnerMsg::Run)?;
+        Ok(Some(args))
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<RunnerMsg>,
+        _: RunnerMsg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(args) = state.take() else {
+            return Ok(());
+        };
+        let result = (args.f)(args.ctx, args.input).await;
+        let _ = args.pool.send_message(PoolMsg::Finished {
+            key: args.key,
+            result,
+        });
+        Ok(())
+    }
+}

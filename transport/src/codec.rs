@@ -130,24 +130,40 @@ mod tests {
 
     #[test]
     fn payload_round_trips_and_shows_as_json() {
-        let s = Sample { text: "hi".into(), scores: vec![0.5, 0.25] };
+        let s = Sample {
+            text: "hi".into(),
+            scores: vec![0.5, 0.25],
+        };
         let p = Payload::encode(&s).unwrap();
         assert_eq!(p.decode::<Sample>().unwrap(), s);
-        assert_eq!(p.to_json(), serde_json::json!({"text": "hi", "scores": [0.5, 0.25]}));
+        assert_eq!(
+            p.to_json(),
+            serde_json::json!({"text": "hi", "scores": [0.5, 0.25]})
+        );
     }
 
     #[test]
     fn content_type_selects_the_format() {
         assert_eq!(Format::from_content_type(None).unwrap(), Format::Json);
-        assert_eq!(Format::from_content_type(Some("application/json; charset=utf-8")).unwrap(), Format::Json);
-        assert_eq!(Format::from_content_type(Some(MSGPACK)).unwrap(), Format::Msgpack);
+        assert_eq!(
+            Format::from_content_type(Some("application/json; charset=utf-8")).unwrap(),
+            Format::Json
+        );
+        assert_eq!(
+            Format::from_content_type(Some(MSGPACK)).unwrap(),
+            Format::Msgpack
+        );
         assert!(Format::from_content_type(Some("text/xml")).is_err());
     }
 
     #[test]
     fn malformed_bytes_are_a_decode_error_not_a_panic() {
         assert!(Format::Json.decode::<Sample>(b"{not json").is_err());
-        assert!(Format::Msgpack.decode::<Sample>(&[0xc1, 0xff, 0x00]).is_err());
+        assert!(
+            Format::Msgpack
+                .decode::<Sample>(&[0xc1, 0xff, 0x00])
+                .is_err()
+        );
         assert!(decode::<Sample>(&[]).is_err());
     }
 

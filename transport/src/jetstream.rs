@@ -44,6 +44,7 @@ pub struct Streams {
     pub reports: stream::Stream,
     /// `BATON_HISTORY`.
     pub history: stream::Stream,
+    max_payload: usize,
 }
 
 impl Streams {
@@ -90,11 +91,26 @@ impl Streams {
             })
             .await
             .map_err(Error::nats)?;
-        Ok(Streams { js, tasks, reports, history })
+        Ok(Streams {
+            js,
+            tasks,
+            reports,
+            history,
+            max_payload: client.server_info().max_payload,
+        })
+    }
+
+    /// The largest message the server accepts, in bytes.
+    pub fn js_max_payload(&self) -> usize {
+        // Headers and the envelope around a payload need room too.
+        self.max_payload.saturating_sub(4096)
     }
 
     /// The durable pull consumer of a task queue (shared by every worker of that queue).
-    pub async fn queue_consumer(&self, queue: &str) -> Result<jetstream::consumer::PullConsumer, Error> {
+    pub async fn queue_consumer(
+        &self,
+        queue: &str,
+    ) -> Result<jetstream::consumer::PullConsumer, Error> {
         self.tasks
             .get_or_create_consumer(
                 &subject::queue_consumer(queue),
@@ -133,7 +149,11 @@ impl Streams {
 
     /// Whether a task message is still queued (published and not yet acked by a worker).
     pub async fn task_is_queued(&self, task_subject: &str) -> Result<bool, Error> {
-        match self.tasks.get_last_raw_message_by_subject(task_subject).await {
+        match self
+            .tasks
+            .get_last_raw_message_by_subject(task_subject)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(false),
             Err(e) => Err(Error::nats(e)),

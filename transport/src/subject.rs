@@ -78,7 +78,10 @@ mod tests {
 
     #[test]
     fn start_subject_round_trips() {
-        assert_eq!(workflow_type_of_start(&start("batch_embed")), Some("batch_embed"));
+        assert_eq!(
+            workflow_type_of_start(&start("batch_embed")),
+            Some("batch_embed")
+        );
         assert_eq!(workflow_type_of_start("baton.start."), None);
         assert_eq!(workflow_type_of_start("baton.start.a.b"), None);
         assert_eq!(workflow_type_of_start("baton.api.result"), None);

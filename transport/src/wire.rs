@@ -82,7 +82,12 @@ pub struct ErrorReply {
 impl ErrorReply {
     /// Builds an error reply.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorReply { error: ApiError { code, message: message.into() } }
+        ErrorReply {
+            error: ApiError {
+                code,
+                message: message.into(),
+            },
+        }
     }
 }
 
@@ -269,28 +274,53 @@ mod tests {
 
     #[test]
     fn start_reply_matches_the_documented_json() {
-        let r = StartReply { workflow_id: "w".into(), run_id: "r".into(), status: StartStatus::Duplicate };
-        assert_eq!(serde_json::to_value(&r).unwrap(), json!({"workflow_id": "w", "run_id": "r", "status": "duplicate"}));
+        let r = StartReply {
+            workflow_id: "w".into(),
+            run_id: "r".into(),
+            status: StartStatus::Duplicate,
+        };
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"workflow_id": "w", "run_id": "r", "status": "duplicate"})
+        );
     }
 
     #[test]
     fn result_reply_is_tagged_by_status() {
-        let r = ResultReply::Completed { output: json!({"label": "positive"}) };
-        assert_eq!(serde_json::to_value(&r).unwrap(), json!({"status": "completed", "output": {"label": "positive"}}));
-        assert_eq!(serde_json::to_value(ResultReply::Running).unwrap(), json!({"status": "running"}));
+        let r = ResultReply::Completed {
+            output: json!({"label": "positive"}),
+        };
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"status": "completed", "output": {"label": "positive"}})
+        );
+        assert_eq!(
+            serde_json::to_value(ResultReply::Running).unwrap(),
+            json!({"status": "running"})
+        );
     }
 
     #[test]
     fn error_replies_decode_as_errors_and_others_as_ok() {
-        let e: Reply<StartReply> = serde_json::from_value(json!({"error": {"code": "unknown_workflow_type", "message": "no"}})).unwrap();
-        assert_eq!(e.into_result().unwrap_err().code, ErrorCode::UnknownWorkflowType);
-        let ok: Reply<StartReply> = serde_json::from_value(json!({"workflow_id": "w", "run_id": "r", "status": "started"})).unwrap();
+        let e: Reply<StartReply> = serde_json::from_value(
+            json!({"error": {"code": "unknown_workflow_type", "message": "no"}}),
+        )
+        .unwrap();
+        assert_eq!(
+            e.into_result().unwrap_err().code,
+            ErrorCode::UnknownWorkflowType
+        );
+        let ok: Reply<StartReply> =
+            serde_json::from_value(json!({"workflow_id": "w", "run_id": "r", "status": "started"}))
+                .unwrap();
         assert_eq!(ok.into_result().unwrap().status, StartStatus::Started);
     }
 
     #[test]
     fn start_request_refuses_unknown_fields() {
-        assert!(serde_json::from_value::<StartRequest>(json!({"input": 1, "workflow": "x"})).is_err());
+        assert!(
+            serde_json::from_value::<StartRequest>(json!({"input": 1, "workflow": "x"})).is_err()
+        );
         let r: StartRequest = serde_json::from_value(json!({"input": {"text": "hi"}})).unwrap();
         assert!(r.workflow_id.is_none());
     }
@@ -303,7 +333,13 @@ mod tests {
             seq: 2,
             attempt: 1,
             worker: "gpu-1".into(),
-            outcome: ActivityOutcome::Failed { failure: Failure { kind: "Timeout".into(), message: "late".into(), retryable: true } },
+            outcome: ActivityOutcome::Failed {
+                failure: Failure {
+                    kind: "Timeout".into(),
+                    message: "late".into(),
+                    retryable: true,
+                },
+            },
         };
         let bytes = crate::codec::encode(&rep).unwrap();
         assert_eq!(crate::codec::decode::<ActivityReport>(&bytes).unwrap(), rep);

@@ -1,0 +1,150 @@
+//! `baton demo`: starts `baton dev` in-process and runs the Mini AI Pipeline through the
+//! edge, as any client would, printing what a user wants to see.
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use baton_transport::wire::{ResultReply, StartStatus};
+
+use crate::{Dev, DevArgs, baton_home, client::EdgeClient};
+
+/// Runs the demo.
+pub async fn run(args: &DevArgs) -> anyhow::Result<()> {
+    let mut args = args.clone();
+    if args.data_dir.is_none() {
+        let dir = baton_home().join("demo-data");
+        let _ = std::fs::remove_dir_all(&dir);
+        args.data_dir = Some(dir);
+    }
+    let t0 = Instant::now();
+    let dev = Dev::start(&args).await?;
+    println!(
+        "baton dev up in {:.1} s (NATS {}, journal in {})",
+        t0.elapsed().as_secs_f64(),
+        dev.url,
+        args.data_dir
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default()
+    );
+    let result = pipeline(&dev.url).await;
+    dev.stop().await;
+    result
+}
+
+async fn run_workflow(
+    c: &EdgeClient,
+    workflow: &str,
+    id: &str,
+    input: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let t = Instant::now();
+    let started = c
+        .start(workflow, Some(id.into()), input)
+        .await?
+        .map_err(|e| anyhow::anyhow!("{:?}: {}", e.code, e.message))?;
+    if started.status != StartStatus::Started {
+        bail!("{id}: expected a new run, got {:?}", started.status);
+    }
+    match c
+        .wait_result(id)
+        .await?
+        .map_err(|e| anyhow::anyhow!("{:?}: {}", e.code, e.message))?
+    {
+        ResultReply::Completed { output } => {
+            println!(
+                "  {workflow} {id}: completed in {:.0} ms",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            Ok(output)
+        }
+        other => bail!("{id}: {other:?}"),
+    }
+}
+
+async fn pipeline(url: &str) -> anyhow::Result<()> {
+    let c = EdgeClient::connect(url).await?;
+
+    println!(
+        "\n== prepare_and_infer: validate_input, preprocess (cpu) -> run_inference (gpu queue)"
+    );
+    let texts = [
+        "  Hello world, this is a test input!  ",
+        "I absolutely love this product, it works   wonderfully.",
+        "The service was slow and the food was AWFUL.",
+    ];
+    let mut first_id = String::new();
+    for (i, text) in texts.iter().enumerate() {
+        let id = format!("demo-infer-{i}-{}", uuid::Uuid::new_v4().simple());
+        if i == 0 {
+            first_id = id.clone();
+        }
+        let out = run_workflow(
+            &c,
+            "prepare_and_infer",
+            &id,
+            serde_json::json!({ "text": text }),
+        )
+        .await?;
+        println!(
+            "    input {text:?}\n    -> {}",
+            serde_json::to_string(&out)?
+        );
+    }
+
+    println!("\n== batch_embed: preprocess_batch (cpu) -> compute_embeddings (gpu queue)");
+    let docs = [
+        "first document",
+        "second document",
+        "  Third   DOCUMENT ",
+        "a cat sat on the mat",
+    ];
+    let id = format!("demo-embed-{}", uuid::Uuid::new_v4().simple());
+    let out = run_workflow(&c, "batch_embed", &id, serde_json::json!({ "texts": docs })).await?;
+    let embeddings: Vec<Vec<f32>> =
+        serde_json::from_value(out["embeddings"].clone()).context("embeddings")?;
+    println!(
+        "    model {}, {} vectors of {} dims",
+        out["model"],
+        embeddings.len(),
+        out["dim"]
+    );
+    for (doc, e) in docs.iter().zip(&embeddings) {
+        let norm: f32 = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+        println!(
+            "    {doc:<24} |v| = {norm:.4}  v[..4] = {:?}",
+            &e[..4.min(e.len())]
+        );
+    }
+    println!("    cosine similarities:");
+    for (i, a) in embeddings.iter().enumerate() {
+        let row: Vec<String> = embeddings
+            .iter()
+            .map(|b| format!("{:.3}", baton_gpu_kernels::cosine(a, b)))
+            .collect();
+        println!("      {:<24} {}", docs[i], row.join("  "));
+    }
+
+    println!("\n== the journal of {first_id} (baton history {first_id})");
+    let h = c
+        .api("history", serde_json::json!({ "workflow_id": first_id }))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    for e in h["events"].as_array().into_iter().flatten() {
+        let detail = match e["type"].as_str().unwrap_or("") {
+            "activity_scheduled" => format!("seq {} {} on {}", e["seq"], e["activity"], e["queue"]),
+            "activity_completed" => format!(
+                "seq {} attempt {} by {}",
+                e["seq"], e["attempt"], e["worker"]
+            ),
+            "workflow_completed" => format!("output {}", e["output"]),
+            _ => String::new(),
+        };
+        println!(
+            "    {:>2} {:<20} {detail}",
+            e["event_id"],
+            e["type"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Baton's product library: the workflow factory and the built-in ML pipelines that the
+//! `baton` binary registers, runs and serves.
+
+pub mod pipelines;
