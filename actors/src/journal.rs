@@ -118,8 +118,8 @@ pub struct MirrorBatch {
 
 enum Request {
     Start {
-        record: RunRecord,
-        event: Event,
+        record: Box<RunRecord>,
+        event: Box<Event>,
         reply: oneshot::Sender<Result<StartOutcome, Error>>,
     },
     Append {
@@ -172,8 +172,8 @@ impl Journal {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Start {
-                record,
-                event,
+                record: Box::new(record),
+                event: Box::new(event),
                 reply,
             })
             .await
@@ -375,7 +375,7 @@ impl Writer {
             };
             let (run_id, events) = match req {
                 Request::Start { record, event, .. } => {
-                    (&record.run_id, std::slice::from_ref(event))
+                    (&record.run_id, std::slice::from_ref(event.as_ref()))
                 }
                 Request::Append { run_id, events, .. } => (run_id, events.as_slice()),
             };

@@ -43,12 +43,7 @@ impl RetryPolicy {
     /// The delay before the next attempt after `attempt` failed with `failure`, or `None`
     /// when the failure is final (not retryable, a non-retryable kind, or attempts used up).
     pub fn next_delay(&self, attempt: u32, failure: &Failure) -> Option<Duration> {
-        if !failure.retryable
-            || self
-                .non_retryable_error_types
-                .iter()
-                .any(|k| *k == failure.kind)
-        {
+        if !failure.retryable || self.non_retryable_error_types.contains(&failure.kind) {
             return None;
         }
         if self.maximum_attempts != 0 && attempt >= self.maximum_attempts {

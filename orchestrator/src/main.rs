@@ -67,7 +67,7 @@ enum Cmd {
         nats: NatsArgs,
         /// The workflow type.
         workflow: String,
-        /// The input, as JSON.
+        /// The input, as JSON, or `@path` to read it from a file.
         #[arg(long, default_value = "null")]
         input: String,
         /// The workflow ID (generated if absent).
@@ -287,8 +287,14 @@ async fn ctrl_c() {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() {
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let quiet_client = !matches!(
         cli.command,
         Cmd::Dev(_) | Cmd::Orchestrator { .. } | Cmd::Worker { .. }
@@ -331,6 +337,11 @@ async fn main() -> anyhow::Result<()> {
             id,
             wait,
         } => {
+            let input = match input.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --input {input}"))?,
+                None => input,
+            };
             let input: serde_json::Value =
                 serde_json::from_str(&input).context("--input is not valid JSON")?;
             let c = EdgeClient::connect(&nats.nats_url).await?;

@@ -1,1 +1,7 @@
+//! Integration tests against real nats-server and baton processes. One module per area.
 
+mod cluster;
+mod crash;
+mod edge;
+mod harness_smoke;
+mod pipeline;

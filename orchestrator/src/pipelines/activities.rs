@@ -23,11 +23,13 @@ pub const VALIDATE_INPUT: ActivityDef<String, String> = ActivityDef::new("valida
 pub const PREPROCESS: ActivityDef<String, String> = ActivityDef::new("preprocess");
 /// `preprocess_batch(texts) -> PreprocessedBatch` (cpu): [`PREPROCESS`] over a batch,
 /// dropping the texts left empty.
-pub const PREPROCESS_BATCH: ActivityDef<Vec<String>, PreprocessedBatch> = ActivityDef::new("preprocess_batch");
+pub const PREPROCESS_BATCH: ActivityDef<Vec<String>, PreprocessedBatch> =
+    ActivityDef::new("preprocess_batch");
 /// `run_inference(text) -> Inference` (gpu): zero-shot sentiment with the embedding model.
 pub const RUN_INFERENCE: ActivityDef<String, Inference> = ActivityDef::new("run_inference");
 /// `compute_embeddings(texts) -> Embeddings` (gpu): one unit vector per text.
-pub const COMPUTE_EMBEDDINGS: ActivityDef<Vec<String>, Embeddings> = ActivityDef::new("compute_embeddings");
+pub const COMPUTE_EMBEDDINGS: ActivityDef<Vec<String>, Embeddings> =
+    ActivityDef::new("compute_embeddings");
 
 /// The result of [`PREPROCESS_BATCH`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,7 +96,10 @@ pub fn validate_text(text: &str) -> Result<String, ActivityError> {
 /// The logic of [`PREPROCESS`]: runs of whitespace become one space, the ends are trimmed,
 /// the text is lowercased.
 pub fn normalize(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
 }
 
 /// The logic of [`PREPROCESS_BATCH`]: more than [`MAX_BATCH_TEXTS`] texts, or a text over
@@ -107,7 +112,10 @@ pub fn preprocess_batch_texts(texts: &[String]) -> Result<PreprocessedBatch, Act
             texts.len()
         )));
     }
-    let mut batch = PreprocessedBatch { texts: Vec::with_capacity(texts.len()), dropped: Vec::new() };
+    let mut batch = PreprocessedBatch {
+        texts: Vec::with_capacity(texts.len()),
+        dropped: Vec::new(),
+    };
     for (i, text) in texts.iter().enumerate() {
         let chars = text.chars().count();
         if chars > MAX_TEXT_CHARS {
@@ -136,7 +144,10 @@ pub async fn preprocess(_ctx: ActivityContext, text: String) -> Result<String, A
 }
 
 /// [`PREPROCESS_BATCH`]'s implementation.
-pub async fn preprocess_batch(_ctx: ActivityContext, texts: Vec<String>) -> Result<PreprocessedBatch, ActivityError> {
+pub async fn preprocess_batch(
+    _ctx: ActivityContext,
+    texts: Vec<String>,
+) -> Result<PreprocessedBatch, ActivityError> {
     preprocess_batch_texts(&texts)
 }
 
@@ -156,19 +167,29 @@ async fn blocking<T: Send + 'static>(
 /// [`RUN_INFERENCE`]'s implementation: embeds the text and classifies it against the
 /// sentiment prototypes ([`Sentiment`](super::Sentiment)). Heartbeats before and after the
 /// model runs. The first call in a process loads the model.
-pub async fn run_inference(models: Arc<Models>, ctx: ActivityContext, text: String) -> Result<Inference, ActivityError> {
+pub async fn run_inference(
+    models: Arc<Models>,
+    ctx: ActivityContext,
+    text: String,
+) -> Result<Inference, ActivityError> {
     ctx.heartbeat();
     let (text, label, score) = blocking(move || {
         let sentiment = models.sentiment()?;
         let embedder = models.embedder()?;
         let vectors = embedder.embed(&[text.as_str()]).map_err(inference_error)?;
-        let vector = vectors.first().ok_or_else(|| inference_error("the model returned no vector"))?;
+        let vector = vectors
+            .first()
+            .ok_or_else(|| inference_error("the model returned no vector"))?;
         let (label, score) = sentiment.classify(vector);
         Ok((text, label, score))
     })
     .await?;
     ctx.heartbeat();
-    Ok(Inference { input: text, label: label.to_string(), score })
+    Ok(Inference {
+        input: text,
+        label: label.to_string(),
+        score,
+    })
 }
 
 /// [`COMPUTE_EMBEDDINGS`]'s implementation: embeds in chunks of [`EMBED_CHUNK`], each on
@@ -181,7 +202,9 @@ pub async fn compute_embeddings(
 ) -> Result<Embeddings, ActivityError> {
     let total = texts.len();
     if total > MAX_BATCH_TEXTS {
-        return Err(validation(format!("{total} texts to embed; the limit is {MAX_BATCH_TEXTS}")));
+        return Err(validation(format!(
+            "{total} texts to embed; the limit is {MAX_BATCH_TEXTS}"
+        )));
     }
     ctx.heartbeat_with(&Progress { done: 0, total });
     let embedder = blocking(move || models.embedder()).await?;
@@ -198,7 +221,11 @@ pub async fn compute_embeddings(
         embeddings.extend(vectors);
         ctx.heartbeat_with(&Progress { done: end, total });
     }
-    Ok(Embeddings { model: MODEL_NAME.to_string(), dim: embedder.dim(), embeddings })
+    Ok(Embeddings {
+        model: MODEL_NAME.to_string(),
+        dim: embedder.dim(),
+        embeddings,
+    })
 }
 
 #[cfg(test)]
@@ -232,16 +259,25 @@ mod tests {
 
     #[test]
     fn normalize_collapses_whitespace_and_lowercases() {
-        assert_eq!(normalize("  Hello \t\n  WORLD,  this is\u{a0}A Test!  "), "hello world, this is a test!");
+        assert_eq!(
+            normalize("  Hello \t\n  WORLD,  this is\u{a0}A Test!  "),
+            "hello world, this is a test!"
+        );
         assert_eq!(normalize("   "), "");
         assert_eq!(normalize("ÉCOLE Straße"), "école straße");
     }
 
     #[test]
     fn preprocess_batch_drops_empty_texts_and_lists_their_indices() {
-        let texts: Vec<String> = ["  First  Document ", "", "second\tdocument", " \n ", "THIRD"]
-            .map(String::from)
-            .to_vec();
+        let texts: Vec<String> = [
+            "  First  Document ",
+            "",
+            "second\tdocument",
+            " \n ",
+            "THIRD",
+        ]
+        .map(String::from)
+        .to_vec();
         let b = preprocess_batch_texts(&texts).unwrap();
         assert_eq!(b.texts, ["first document", "second document", "third"]);
         assert_eq!(b.dropped, [1, 3]);
@@ -256,17 +292,32 @@ mod tests {
         assert!(is_validation(&e) && e.message.contains("1001"), "{e:?}");
         assert!(preprocess_batch_texts(&many[..MAX_BATCH_TEXTS]).is_ok());
 
-        let texts = vec!["ok".to_string(), "fine".to_string(), "y".repeat(MAX_TEXT_CHARS + 1)];
+        let texts = vec![
+            "ok".to_string(),
+            "fine".to_string(),
+            "y".repeat(MAX_TEXT_CHARS + 1),
+        ];
         let e = preprocess_batch_texts(&texts).unwrap_err();
-        assert!(is_validation(&e) && e.message.starts_with("text 2 "), "{e:?}");
+        assert!(
+            is_validation(&e) && e.message.starts_with("text 2 "),
+            "{e:?}"
+        );
     }
 
     #[tokio::test]
     async fn cpu_activities_wrap_the_pure_functions() {
         let ctx = super::super::tests::context("validate_input");
-        assert_eq!(validate_input(ctx.clone(), " a ".into()).await.unwrap(), "a");
-        assert_eq!(preprocess(ctx.clone(), " A  B ".into()).await.unwrap(), "a b");
-        let b = preprocess_batch(ctx, vec!["".into(), "X".into()]).await.unwrap();
+        assert_eq!(
+            validate_input(ctx.clone(), " a ".into()).await.unwrap(),
+            "a"
+        );
+        assert_eq!(
+            preprocess(ctx.clone(), " A  B ".into()).await.unwrap(),
+            "a b"
+        );
+        let b = preprocess_batch(ctx, vec!["".into(), "X".into()])
+            .await
+            .unwrap();
         assert_eq!((b.texts, b.dropped), (vec!["x".to_string()], vec![0]));
     }
 }

@@ -27,8 +27,13 @@ pub use activities::{
     VALIDATE_INPUT, compute_embeddings, normalize, preprocess, preprocess_batch,
     preprocess_batch_texts, run_inference, validate_input, validate_text,
 };
-pub use models::{Models, NEGATIVE_PROTOTYPES, POSITIVE_PROTOTYPES, SOFTMAX_TEMPERATURE, Sentiment};
-pub use workflows::{BATCH_EMBED, BatchInput, BatchOutput, PREPARE_AND_INFER, PrepareInput, batch_embed, prepare_and_infer};
+pub use models::{
+    Models, NEGATIVE_PROTOTYPES, POSITIVE_PROTOTYPES, SOFTMAX_TEMPERATURE, Sentiment,
+};
+pub use workflows::{
+    BATCH_EMBED, BatchInput, BatchOutput, PREPARE_AND_INFER, PrepareInput, batch_embed,
+    prepare_and_infer,
+};
 
 /// The queue of CPU-bound activities (validation, preprocessing).
 pub const CPU_QUEUE: &str = "cpu";
@@ -51,9 +56,18 @@ pub fn gpu_retry() -> RetryPolicy {
 pub fn activity_options() -> Vec<(&'static str, ActivityOptions)> {
     let secs = Duration::from_secs;
     vec![
-        (VALIDATE_INPUT.name, ActivityOptions::new(CPU_QUEUE, secs(30), cpu_retry())),
-        (PREPROCESS.name, ActivityOptions::new(CPU_QUEUE, secs(30), cpu_retry())),
-        (PREPROCESS_BATCH.name, ActivityOptions::new(CPU_QUEUE, secs(60), cpu_retry())),
+        (
+            VALIDATE_INPUT.name,
+            ActivityOptions::new(CPU_QUEUE, secs(30), cpu_retry()),
+        ),
+        (
+            PREPROCESS.name,
+            ActivityOptions::new(CPU_QUEUE, secs(30), cpu_retry()),
+        ),
+        (
+            PREPROCESS_BATCH.name,
+            ActivityOptions::new(CPU_QUEUE, secs(60), cpu_retry()),
+        ),
         (
             RUN_INFERENCE.name,
             ActivityOptions::new(GPU_QUEUE, secs(120), gpu_retry()).heartbeat_timeout(secs(30)),
@@ -81,19 +95,35 @@ pub fn factory(models: Arc<Models>) -> anyhow::Result<Registry> {
     let mut r = Registry::new();
     r.workflow(PREPARE_AND_INFER, prepare_and_infer)
         .and_then(|r| r.workflow(BATCH_EMBED, batch_embed))
-        .and_then(|r| r.activity(&VALIDATE_INPUT, options_of(VALIDATE_INPUT.name), validate_input))
+        .and_then(|r| {
+            r.activity(
+                &VALIDATE_INPUT,
+                options_of(VALIDATE_INPUT.name),
+                validate_input,
+            )
+        })
         .and_then(|r| r.activity(&PREPROCESS, options_of(PREPROCESS.name), preprocess))
-        .and_then(|r| r.activity(&PREPROCESS_BATCH, options_of(PREPROCESS_BATCH.name), preprocess_batch))
+        .and_then(|r| {
+            r.activity(
+                &PREPROCESS_BATCH,
+                options_of(PREPROCESS_BATCH.name),
+                preprocess_batch,
+            )
+        })
         .context("registering the pipeline workflows")?;
     let m = models.clone();
-    r.activity(&RUN_INFERENCE, options_of(RUN_INFERENCE.name), move |ctx, text| {
-        run_inference(m.clone(), ctx, text)
-    })
+    r.activity(
+        &RUN_INFERENCE,
+        options_of(RUN_INFERENCE.name),
+        move |ctx, text| run_inference(m.clone(), ctx, text),
+    )
     .context("registering run_inference")?;
     let m = models;
-    r.activity(&COMPUTE_EMBEDDINGS, options_of(COMPUTE_EMBEDDINGS.name), move |ctx, texts| {
-        compute_embeddings(m.clone(), ctx, texts)
-    })
+    r.activity(
+        &COMPUTE_EMBEDDINGS,
+        options_of(COMPUTE_EMBEDDINGS.name),
+        move |ctx, texts| compute_embeddings(m.clone(), ctx, texts),
+    )
     .context("registering compute_embeddings")?;
     Ok(r)
 }

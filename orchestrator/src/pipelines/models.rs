@@ -68,7 +68,10 @@ impl Sentiment {
     pub fn build(embedder: &Embedder) -> Result<Sentiment, baton_gpu_kernels::Error> {
         let positive = embedder.embed(POSITIVE_PROTOTYPES)?;
         let negative = embedder.embed(NEGATIVE_PROTOTYPES)?;
-        Ok(Sentiment::from_prototypes(vec![("positive", positive), ("negative", negative)]))
+        Ok(Sentiment::from_prototypes(vec![
+            ("positive", positive),
+            ("negative", negative),
+        ]))
     }
 
     /// The label whose centroid is most similar to `embedding` (by cosine), and its
@@ -83,7 +86,10 @@ impl Sentiment {
         let (best, max) = logits
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |acc, (i, &l)| if l > acc.1 { (i, l) } else { acc });
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |acc, (i, &l)| if l > acc.1 { (i, l) } else { acc },
+            );
         let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
         (self.labels[best].0, 1.0 / sum)
     }
@@ -99,7 +105,12 @@ fn centroid(vectors: &[Vec<f32>]) -> Vec<f32> {
     let dim = vectors.first().map_or(0, Vec::len);
     let mut mean = vec![0.0f32; dim];
     for v in vectors {
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::EPSILON);
+        let norm = v
+            .iter()
+            .map(|x| x * x)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::EPSILON);
         for (m, x) in mean.iter_mut().zip(v) {
             *m += x / norm;
         }
@@ -134,13 +145,20 @@ impl Models {
     /// Models from the layout `cargo xtask setup` creates under `baton_home`, run with 2
     /// intra-op threads and one session.
     pub fn new(baton_home: impl AsRef<Path>) -> Models {
-        let config = EmbedderConfig { intra_threads: 2, ..EmbedderConfig::from_home(baton_home.as_ref()) };
+        let config = EmbedderConfig {
+            intra_threads: 2,
+            ..EmbedderConfig::from_home(baton_home.as_ref())
+        };
         Models::with_config(config)
     }
 
     /// Models from an explicit embedder configuration.
     pub fn with_config(config: EmbedderConfig) -> Models {
-        Models { config, embedder: Mutex::new(None), sentiment: Mutex::new(None) }
+        Models {
+            config,
+            embedder: Mutex::new(None),
+            sentiment: Mutex::new(None),
+        }
     }
 
     /// The embedder configuration.
@@ -155,7 +173,10 @@ impl Models {
 
     /// Whether the embedder has been loaded.
     pub fn is_loaded(&self) -> bool {
-        self.embedder.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+        self.embedder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
     }
 
     /// The embedder, loading it on first use. Blocking: call it from
@@ -186,13 +207,20 @@ impl Models {
     /// The sentiment classifier, built on first use (loads the embedder and embeds the
     /// prototypes). Blocking, like [`Models::embedder`].
     pub fn sentiment(&self) -> Result<Arc<Sentiment>, ActivityError> {
-        let mut slot = self.sentiment.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self
+            .sentiment
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(s) = slot.as_ref() {
             return Ok(s.clone());
         }
         let embedder = self.embedder()?;
-        let sentiment = Sentiment::build(&embedder)
-            .map_err(|e| ActivityError::retryable("InferenceError", format!("embedding the sentiment prototypes: {e}")))?;
+        let sentiment = Sentiment::build(&embedder).map_err(|e| {
+            ActivityError::retryable(
+                "InferenceError",
+                format!("embedding the sentiment prototypes: {e}"),
+            )
+        })?;
         let sentiment = Arc::new(sentiment);
         *slot = Some(sentiment.clone());
         Ok(sentiment)
@@ -231,7 +259,9 @@ mod tests {
         let (_, score) = s.classify(&[0.0, 1.0]);
         assert!((score - 0.5).abs() < 1e-6, "{score}");
         // Exactly the temperature's effect: a cosine margin of 0.05 gives e / (1 + e).
-        let p = Sentiment { labels: vec![("a", vec![1.0, 0.0]), ("b", vec![0.0, 1.0])] };
+        let p = Sentiment {
+            labels: vec![("a", vec![1.0, 0.0]), ("b", vec![0.0, 1.0])],
+        };
         let (label, score) = p.classify(&[0.30, 0.25]);
         let cos_a = 0.30 / (0.30f32.powi(2) + 0.25f32.powi(2)).sqrt();
         let cos_b = 0.25 / (0.30f32.powi(2) + 0.25f32.powi(2)).sqrt();
@@ -246,7 +276,11 @@ mod tests {
         let err = models.embedder().unwrap_err();
         assert_eq!(err.kind, "ModelUnavailable");
         assert!(err.retryable);
-        assert!(err.message.contains("model file not found"), "{}", err.message);
+        assert!(
+            err.message.contains("model file not found"),
+            "{}",
+            err.message
+        );
         assert!(!models.is_loaded());
         // Retried, not cached.
         assert_eq!(models.sentiment().unwrap_err().kind, "ModelUnavailable");

@@ -43,7 +43,10 @@ fn probe(activity: &str) -> (ActivityContext, Arc<Mutex<Vec<Option<serde_json::V
 fn baton_home() -> PathBuf {
     match std::env::var_os("BATON_HOME") {
         Some(home) if !home.is_empty() => PathBuf::from(home),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").join(".baton"),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .join(".baton"),
     }
 }
 
@@ -86,12 +89,24 @@ impl Run {
 
 /// Runs a workflow to its end in-process.
 async fn drive(registry: &Registry, workflow: &str, input: serde_json::Value) -> Run {
-    let def = registry.workflow_def(workflow).expect("workflow registered");
-    let mut exec = Execution::new(def.run.clone(), "wf-1", "run-1", registry.policies().clone());
+    let def = registry
+        .workflow_def(workflow)
+        .expect("workflow registered");
+    let mut exec = Execution::new(
+        def.run.clone(),
+        "wf-1",
+        "run-1",
+        registry.policies().clone(),
+    );
     let mut next_id = 0u32;
     let mut apply = |exec: &mut Execution, kind: EventKind| {
         next_id += 1;
-        exec.apply(&Event { id: next_id, at_ms: 0, kind }).expect("deterministic");
+        exec.apply(&Event {
+            id: next_id,
+            at_ms: 0,
+            kind,
+        })
+        .expect("deterministic");
     };
     apply(
         &mut exec,
@@ -107,7 +122,12 @@ async fn drive(registry: &Registry, workflow: &str, input: serde_json::Value) ->
         assert!(!commands.is_empty(), "the workflow is stuck");
         for command in commands {
             match command {
-                Command::ScheduleActivity { seq, activity, input, options } => {
+                Command::ScheduleActivity {
+                    seq,
+                    activity,
+                    input,
+                    options,
+                } => {
                     apply(
                         &mut exec,
                         EventKind::ActivityScheduled {
@@ -117,7 +137,10 @@ async fn drive(registry: &Registry, workflow: &str, input: serde_json::Value) ->
                             options: options.clone(),
                         },
                     );
-                    let f = registry.activity_fn(&activity).expect("activity registered").clone();
+                    let f = registry
+                        .activity_fn(&activity)
+                        .expect("activity registered")
+                        .clone();
                     let mut attempt = 1;
                     loop {
                         let (ctx, _) = probe(&activity);
@@ -129,13 +152,20 @@ async fn drive(registry: &Registry, workflow: &str, input: serde_json::Value) ->
                         ));
                         match result {
                             Ok(result) => {
-                                let kind = EventKind::ActivityCompleted { seq, attempt, worker: "w".into(), result };
+                                let kind = EventKind::ActivityCompleted {
+                                    seq,
+                                    attempt,
+                                    worker: "w".into(),
+                                    result,
+                                };
                                 apply(&mut exec, kind);
                                 break;
                             }
                             Err(failure) => {
-                                let retry_in_ms =
-                                    options.retry.next_delay(attempt, &failure).map(|d| d.as_millis() as u64);
+                                let retry_in_ms = options
+                                    .retry
+                                    .next_delay(attempt, &failure)
+                                    .map(|d| d.as_millis() as u64);
                                 let kind = EventKind::ActivityFailed {
                                     seq,
                                     attempt,
@@ -152,8 +182,18 @@ async fn drive(registry: &Registry, workflow: &str, input: serde_json::Value) ->
                         }
                     }
                 }
-                Command::CompleteWorkflow { output } => return Run { outcome: Ok(output.to_json()), attempts },
-                Command::FailWorkflow { failure } => return Run { outcome: Err(failure), attempts },
+                Command::CompleteWorkflow { output } => {
+                    return Run {
+                        outcome: Ok(output.to_json()),
+                        attempts,
+                    };
+                }
+                Command::FailWorkflow { failure } => {
+                    return Run {
+                        outcome: Err(failure),
+                        attempts,
+                    };
+                }
             }
         }
     }
@@ -165,10 +205,25 @@ async fn drive(registry: &Registry, workflow: &str, input: serde_json::Value) ->
 fn the_factory_registers_both_workflows_and_routes_each_activity() {
     let r = factory(no_models()).unwrap();
     assert_eq!(r.workflow_names(), ["batch_embed", "prepare_and_infer"]);
-    assert_eq!(r.activities_of_queue(CPU_QUEUE), ["preprocess", "preprocess_batch", "validate_input"]);
-    assert_eq!(r.activities_of_queue(GPU_QUEUE), ["compute_embeddings", "run_inference"]);
-    for name in ["validate_input", "preprocess", "preprocess_batch", "run_inference", "compute_embeddings"] {
-        assert!(r.activity_fn(name).is_some(), "{name} has no implementation");
+    assert_eq!(
+        r.activities_of_queue(CPU_QUEUE),
+        ["preprocess", "preprocess_batch", "validate_input"]
+    );
+    assert_eq!(
+        r.activities_of_queue(GPU_QUEUE),
+        ["compute_embeddings", "run_inference"]
+    );
+    for name in [
+        "validate_input",
+        "preprocess",
+        "preprocess_batch",
+        "run_inference",
+        "compute_embeddings",
+    ] {
+        assert!(
+            r.activity_fn(name).is_some(),
+            "{name} has no implementation"
+        );
     }
     assert_eq!(r.policies().len(), 5);
 }
@@ -181,10 +236,18 @@ fn the_factory_applies_the_seed_policies() {
         let o: &ActivityOptions = &p[name];
         assert_eq!(o.task_queue, queue, "{name}");
         assert_eq!(o.start_to_close_ms, start_to_close_s * 1000, "{name}");
-        assert_eq!(o.heartbeat_timeout_ms, heartbeat_s.map(|s| s * 1000), "{name}");
+        assert_eq!(
+            o.heartbeat_timeout_ms,
+            heartbeat_s.map(|s| s * 1000),
+            "{name}"
+        );
         o.retry.clone()
     };
-    for (name, timeout) in [("validate_input", 30), ("preprocess", 30), ("preprocess_batch", 60)] {
+    for (name, timeout) in [
+        ("validate_input", 30),
+        ("preprocess", 30),
+        ("preprocess_batch", 60),
+    ] {
         let retry = expect(name, "cpu", timeout, None);
         assert_eq!(retry, cpu_retry(), "{name}");
     }
@@ -194,17 +257,35 @@ fn the_factory_applies_the_seed_policies() {
     }
 
     let cpu = cpu_retry();
-    assert_eq!((cpu.initial_interval_ms, cpu.backoff_coefficient, cpu.maximum_attempts), (1_000, 2.0, 3));
+    assert_eq!(
+        (
+            cpu.initial_interval_ms,
+            cpu.backoff_coefficient,
+            cpu.maximum_attempts
+        ),
+        (1_000, 2.0, 3)
+    );
     assert_eq!(cpu.non_retryable_error_types, ["ValidationError"]);
     let gpu = gpu_retry();
-    assert_eq!((gpu.initial_interval_ms, gpu.backoff_coefficient, gpu.maximum_attempts), (2_000, 2.0, 2));
+    assert_eq!(
+        (
+            gpu.initial_interval_ms,
+            gpu.backoff_coefficient,
+            gpu.maximum_attempts
+        ),
+        (2_000, 2.0, 2)
+    );
     assert!(gpu.non_retryable_error_types.is_empty());
 }
 
 #[test]
 fn workflow_inputs_are_checked_at_the_edge() {
     let r = factory(no_models()).unwrap();
-    let check = |wf: &str, v: serde_json::Value| r.workflow_def(wf).unwrap().check_input(&Payload::encode(&v).unwrap());
+    let check = |wf: &str, v: serde_json::Value| {
+        r.workflow_def(wf)
+            .unwrap()
+            .check_input(&Payload::encode(&v).unwrap())
+    };
     assert!(check("prepare_and_infer", json!({"text": "hi"})).is_ok());
     assert!(check("prepare_and_infer", json!({"txt": "hi"})).is_err());
     assert!(check("prepare_and_infer", json!("hi")).is_err());
@@ -219,7 +300,10 @@ async fn an_empty_text_fails_validation_once_and_never_reaches_the_gpu() {
     let r = factory(no_models()).unwrap();
     let run = drive(&r, PREPARE_AND_INFER, json!({"text": "  \n "})).await;
     let failure = run.outcome.clone().unwrap_err();
-    assert_eq!((failure.kind.as_str(), failure.message.as_str()), ("ValidationError", "input text is empty"));
+    assert_eq!(
+        (failure.kind.as_str(), failure.message.as_str()),
+        ("ValidationError", "input text is empty")
+    );
     assert_eq!(run.activities(), ["validate_input"]);
 }
 
@@ -229,8 +313,19 @@ async fn an_unavailable_model_is_retried_per_the_gpu_policy_then_fails_the_run()
     let run = drive(&r, BATCH_EMBED, json!({"texts": ["One", "  "]})).await;
     let failure = run.outcome.clone().unwrap_err();
     assert_eq!(failure.kind, "ModelUnavailable");
-    assert!(failure.message.contains("run `cargo xtask setup`"), "{}", failure.message);
-    assert_eq!(run.activities(), ["preprocess_batch", "compute_embeddings", "compute_embeddings"]);
+    assert!(
+        failure.message.contains("run `cargo xtask setup`"),
+        "{}",
+        failure.message
+    );
+    assert_eq!(
+        run.activities(),
+        [
+            "preprocess_batch",
+            "compute_embeddings",
+            "compute_embeddings"
+        ]
+    );
     let queues: Vec<&str> = run.attempts.iter().map(|(_, q, _)| q.as_str()).collect();
     assert_eq!(queues, ["cpu", "gpu", "gpu"]);
 }
@@ -245,27 +340,45 @@ async fn run_inference_classifies_sentiment_and_heartbeats() {
         ("this is awful, I hate it and want a refund", "negative"),
     ] {
         let (ctx, beats) = probe("run_inference");
-        let out = run_inference(models.clone(), ctx, text.to_string()).await.unwrap();
+        let out = run_inference(models.clone(), ctx, text.to_string())
+            .await
+            .unwrap();
         assert_eq!(out.input, text);
         assert_eq!(out.label, expected, "{text:?}: {out:?}");
         assert!(out.score > 0.5 && out.score <= 1.0, "{text:?}: {out:?}");
-        assert_eq!(*beats.lock().unwrap(), [None, None], "one heartbeat before and one after");
+        assert_eq!(
+            *beats.lock().unwrap(),
+            [None, None],
+            "one heartbeat before and one after"
+        );
     }
 }
 
 #[tokio::test]
 async fn compute_embeddings_embeds_in_chunks_with_progress() {
     let models = models();
-    let texts: Vec<String> = (0..70).map(|i| format!("document number {i} about topic {}", i % 7)).collect();
+    let texts: Vec<String> = (0..70)
+        .map(|i| format!("document number {i} about topic {}", i % 7))
+        .collect();
     let (ctx, beats) = probe("compute_embeddings");
-    let out = compute_embeddings(models.clone(), ctx, texts.clone()).await.unwrap();
-    assert_eq!((out.model.as_str(), out.dim, out.embeddings.len()), (MODEL_NAME, 384, 70));
+    let out = compute_embeddings(models.clone(), ctx, texts.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.model.as_str(), out.dim, out.embeddings.len()),
+        (MODEL_NAME, 384, 70)
+    );
     for v in &out.embeddings {
         assert_eq!(v.len(), 384);
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-3, "{norm}");
     }
-    let progress: Vec<serde_json::Value> = beats.lock().unwrap().iter().map(|b| b.clone().unwrap()).collect();
+    let progress: Vec<serde_json::Value> = beats
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| b.clone().unwrap())
+        .collect();
     assert_eq!(
         progress,
         [0, 32, 64, 70].map(|done| json!({"done": done, "total": 70})),
@@ -292,11 +405,22 @@ async fn compute_embeddings_embeds_in_chunks_with_progress() {
 #[tokio::test]
 async fn prepare_and_infer_runs_end_to_end_in_process() {
     let r = factory(models()).unwrap();
-    let run = drive(&r, PREPARE_AND_INFER, json!({"text": "  The support team was GREAT and   fixed it fast!  "})).await;
+    let run = drive(
+        &r,
+        PREPARE_AND_INFER,
+        json!({"text": "  The support team was GREAT and   fixed it fast!  "}),
+    )
+    .await;
     let out = run.outcome.clone().unwrap();
-    assert_eq!(out["input"], "the support team was great and fixed it fast!");
+    assert_eq!(
+        out["input"],
+        "the support team was great and fixed it fast!"
+    );
     assert_eq!(out["label"], "positive", "{out}");
-    assert_eq!(run.activities(), ["validate_input", "preprocess", "run_inference"]);
+    assert_eq!(
+        run.activities(),
+        ["validate_input", "preprocess", "run_inference"]
+    );
     let queues: Vec<&str> = run.attempts.iter().map(|(_, q, _)| q.as_str()).collect();
     assert_eq!(queues, ["cpu", "cpu", "gpu"]);
 }
@@ -304,14 +428,26 @@ async fn prepare_and_infer_runs_end_to_end_in_process() {
 #[tokio::test]
 async fn batch_embed_aligns_embeddings_with_the_kept_texts() {
     let r = factory(models()).unwrap();
-    let texts = json!(["A happy dog", "", "a  JOYFUL puppy", "   ", "quarterly tax filing deadline"]);
+    let texts = json!([
+        "A happy dog",
+        "",
+        "a  JOYFUL puppy",
+        "   ",
+        "quarterly tax filing deadline"
+    ]);
     let run = drive(&r, BATCH_EMBED, json!({ "texts": texts })).await;
     let out: BatchOutput = serde_json::from_value(run.outcome.unwrap()).unwrap();
     assert_eq!((out.model.as_str(), out.dim), (MODEL_NAME, 384));
     assert_eq!(out.dropped, [1, 3]);
     assert_eq!(out.embeddings.len(), 3);
-    let cos = |a: usize, b: usize| baton_gpu_kernels::cosine(&out.embeddings[a], &out.embeddings[b]);
-    assert!(cos(0, 1) > cos(0, 2) + 0.2, "dog/puppy {} vs dog/tax {}", cos(0, 1), cos(0, 2));
+    let cos =
+        |a: usize, b: usize| baton_gpu_kernels::cosine(&out.embeddings[a], &out.embeddings[b]);
+    assert!(
+        cos(0, 1) > cos(0, 2) + 0.2,
+        "dog/puppy {} vs dog/tax {}",
+        cos(0, 1),
+        cos(0, 2)
+    );
 }
 
 /// A small hand-made set beyond the two required sentences: the classifier must get most
@@ -320,12 +456,21 @@ async fn batch_embed_aligns_embeddings_with_the_kept_texts() {
 async fn the_sentiment_classifier_is_mostly_right_on_unseen_sentences() {
     let models = models();
     let cases = [
-        ("the hotel room was spotless and the view was breathtaking", "positive"),
-        ("my package never arrived and nobody answers the phone", "negative"),
+        (
+            "the hotel room was spotless and the view was breathtaking",
+            "positive",
+        ),
+        (
+            "my package never arrived and nobody answers the phone",
+            "negative",
+        ),
         ("thank you so much, this made my day", "positive"),
         ("the app keeps crashing, it is useless", "negative"),
         ("best concert I have been to in years", "positive"),
-        ("the waiter ignored us for an hour and the soup was cold", "negative"),
+        (
+            "the waiter ignored us for an hour and the soup was cold",
+            "negative",
+        ),
         ("super comfortable shoes, I wear them every day", "positive"),
         ("cheap plastic, it fell apart in a week", "negative"),
         ("the tutorial was clear and easy to follow", "positive"),
@@ -334,7 +479,9 @@ async fn the_sentiment_classifier_is_mostly_right_on_unseen_sentences() {
     let mut wrong = Vec::new();
     for (text, expected) in cases {
         let (ctx, _) = probe("run_inference");
-        let out = run_inference(models.clone(), ctx, text.to_string()).await.unwrap();
+        let out = run_inference(models.clone(), ctx, text.to_string())
+            .await
+            .unwrap();
         eprintln!("{:>8} {:.3} {text}", out.label, out.score);
         if out.label != expected {
             wrong.push((text, out.label, out.score));

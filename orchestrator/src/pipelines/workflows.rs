@@ -4,7 +4,9 @@
 use baton_actors::{WorkflowContext, WorkflowError};
 use serde::{Deserialize, Serialize};
 
-use super::activities::{COMPUTE_EMBEDDINGS, Inference, PREPROCESS, PREPROCESS_BATCH, RUN_INFERENCE, VALIDATE_INPUT};
+use super::activities::{
+    COMPUTE_EMBEDDINGS, Inference, PREPROCESS, PREPROCESS_BATCH, RUN_INFERENCE, VALIDATE_INPUT,
+};
 
 /// Name of the workflow [`prepare_and_infer`].
 pub const PREPARE_AND_INFER: &str = "prepare_and_infer";
@@ -41,21 +43,36 @@ pub struct BatchOutput {
 }
 
 /// `prepare_and_infer`: validate_input (cpu) -> preprocess (cpu) -> run_inference (gpu).
-pub async fn prepare_and_infer(ctx: WorkflowContext, input: PrepareInput) -> Result<Inference, WorkflowError> {
+pub async fn prepare_and_infer(
+    ctx: WorkflowContext,
+    input: PrepareInput,
+) -> Result<Inference, WorkflowError> {
     let valid = ctx.activity(&VALIDATE_INPUT, &input.text).await?;
     let clean = ctx.activity(&PREPROCESS, &valid).await?;
     Ok(ctx.activity(&RUN_INFERENCE, &clean).await?)
 }
 
 /// `batch_embed`: preprocess_batch (cpu) -> compute_embeddings (gpu).
-pub async fn batch_embed(ctx: WorkflowContext, input: BatchInput) -> Result<BatchOutput, WorkflowError> {
+pub async fn batch_embed(
+    ctx: WorkflowContext,
+    input: BatchInput,
+) -> Result<BatchOutput, WorkflowError> {
     let batch = ctx.activity(&PREPROCESS_BATCH, &input.texts).await?;
     let e = ctx.activity(&COMPUTE_EMBEDDINGS, &batch.texts).await?;
     if e.embeddings.len() != batch.texts.len() {
         return Err(WorkflowError::new(
             "InternalError",
-            format!("{} embeddings for {} texts", e.embeddings.len(), batch.texts.len()),
+            format!(
+                "{} embeddings for {} texts",
+                e.embeddings.len(),
+                batch.texts.len()
+            ),
         ));
     }
-    Ok(BatchOutput { model: e.model, dim: e.dim, embeddings: e.embeddings, dropped: batch.dropped })
+    Ok(BatchOutput {
+        model: e.model,
+        dim: e.dim,
+        embeddings: e.embeddings,
+        dropped: batch.dropped,
+    })
 }
