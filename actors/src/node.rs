@@ -230,13 +230,7 @@ async fn on_report(rt: Arc<Runtime>, message: async_nats::jetstream::Message) {
             return;
         }
     };
-    let actor = rt
-        .executions
-        .lock()
-        .expect("executions lock")
-        .get(&report.run_id)
-        .cloned();
-    let outcome = match actor {
+    let outcome = match find_execution(&rt, &report.run_id).await {
         Some(actor) => match ractor::call_t!(actor, ExecMsg::Report, 30_000, report.clone()) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),
@@ -266,6 +260,23 @@ async fn on_report(rt: Arc<Runtime>, message: async_nats::jetstream::Message) {
                 .await;
         }
     }
+}
+
+/// The live execution of a run. A run started a moment ago may have dispatched its first
+/// task before its actor was registered, so a running run is looked up a few times.
+async fn find_execution(rt: &Runtime, run_id: &str) -> Option<ActorRef<ExecMsg>> {
+    for _ in 0..50 {
+        if let Some(a) = rt.executions.lock().expect("executions lock").get(run_id) {
+            return Some(a.clone());
+        }
+        match rt.journal.run(run_id) {
+            Ok(Some(run)) if run.status == RunStatus::Running => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 type Handler = fn(

@@ -27,9 +27,59 @@ pub async fn run(args: &DevArgs) -> anyhow::Result<()> {
             .map(|d| d.display().to_string())
             .unwrap_or_default()
     );
-    let result = pipeline(&dev.url).await;
+    let mut result = pipeline(&dev.url).await;
+    if result.is_ok() && args.latency_runs > 0 {
+        result = latency(&dev.url, args.latency_runs).await;
+    }
     dev.stop().await;
     result
+}
+
+/// Sequential end-to-end latency of each workflow through `baton dev`: start request to
+/// result, as a client sees it.
+async fn latency(url: &str, runs: usize) -> anyhow::Result<()> {
+    let c = EdgeClient::connect(url).await?;
+    println!(
+        "\n== end-to-end latency through baton dev, {runs} sequential runs each (start -> result)"
+    );
+    let cases = [
+        (
+            "prepare_and_infer",
+            serde_json::json!({"text": "The staff were friendly and the room was spotless."}),
+        ),
+        (
+            "batch_embed",
+            serde_json::json!({"texts": ["first document", "second document", "third document"]}),
+        ),
+    ];
+    for (workflow, input) in cases {
+        let mut ms = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let id = format!("latency-{}", uuid::Uuid::new_v4().simple());
+            let t = Instant::now();
+            c.start(workflow, Some(id.clone()), input.clone())
+                .await?
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            match c
+                .wait_result(&id)
+                .await?
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?
+            {
+                ResultReply::Completed { .. } => ms.push(t.elapsed().as_secs_f64() * 1e3),
+                other => bail!("{id}: {other:?}"),
+            }
+        }
+        ms.sort_by(f64::total_cmp);
+        let pct = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
+        println!(
+            "  {workflow:<18} median {:.1} ms   p90 {:.1} ms   min {:.1} ms   max {:.1} ms",
+            pct(0.5),
+            pct(0.9),
+            ms[0],
+            ms[ms.len() - 1]
+        );
+    }
+    Ok(())
 }
 
 async fn run_workflow(

@@ -137,6 +137,9 @@ pub struct DevArgs {
     /// Concurrency of the GPU pool.
     #[arg(long, default_value_t = 2)]
     gpu_concurrency: usize,
+    /// `baton demo` only: sequential runs of each workflow for the latency figures (0: none).
+    #[arg(long, default_value_t = 20)]
+    latency_runs: usize,
 }
 
 /// Where `cargo xtask setup` put nats-server, ONNX Runtime and the model: `$BATON_HOME`,

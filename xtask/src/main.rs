@@ -107,12 +107,39 @@ fn test(args: &[String]) -> Result<ExitCode> {
     let home = baton_home();
     setup::run(&home)?;
     check(&mut cargo(["build", "--workspace", "--bins"]))?;
-    let st = status(
-        cargo(["test", "--workspace"])
-            .args(args)
-            .env("BATON_HOME", &home)
-            .env("BATON_BIN", target_dir().join("debug").join("baton")),
-    )?;
+    let mut child = cargo(["test", "--workspace"])
+        .args(args)
+        .env("BATON_HOME", &home)
+        .env("BATON_BIN", target_dir().join("debug").join("baton"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("could not run cargo test")?;
+    // Echo the output, adding up the `test result:` lines for one closing total.
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .split_whitespace()
+                            .last()?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let st = child.wait()?;
+    println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
     Ok(exit_code(st))
 }
 
