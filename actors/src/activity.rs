@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use baton_transport::Payload;
-use serde::Serialize;
+use serde::{Serialize, de::DeserializeOwned};
 
 /// Which attempt of which activity is running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,7 @@ type HeartbeatSink = Arc<dyn Fn(Option<Payload>) + Send + Sync>;
 pub struct ActivityContext {
     info: ActivityInfo,
     heartbeat: HeartbeatSink,
+    details: Option<Payload>,
 }
 
 impl ActivityContext {
@@ -35,7 +36,21 @@ impl ActivityContext {
         ActivityContext {
             info,
             heartbeat: Arc::new(sink),
+            details: None,
         }
+    }
+
+    /// The same context, resuming from `details`: the last heartbeat details an earlier
+    /// attempt (or an earlier delivery of this one) recorded.
+    pub fn with_details(mut self, details: Option<Payload>) -> Self {
+        self.details = details;
+        self
+    }
+
+    /// The last heartbeat details recorded for this activity by an earlier attempt or
+    /// delivery, if any: where to resume from (a checkpoint reference, an epoch).
+    pub fn heartbeat_details<T: DeserializeOwned>(&self) -> Option<T> {
+        self.details.as_ref().and_then(|p| p.decode().ok())
     }
 
     /// The attempt's identity.

@@ -18,7 +18,7 @@ use std::{
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use baton_transport::{
     Payload, codec,
-    jetstream::Streams,
+    jetstream::{Streams, heartbeat_key},
     subject,
     wire::{ActivityOutcome, ActivityReport, ActivityTask, Failure},
 };
@@ -191,9 +191,17 @@ impl Actor for Pool {
                 state.fetching = false;
                 fetch(&myself, state);
             }
-            PoolMsg::Heartbeat { key, .. } => {
+            PoolMsg::Heartbeat { key, details } => {
                 if let Some(r) = state.running.get_mut(&key) {
                     r.last_heartbeat = Instant::now();
+                    if let Some(details) = details {
+                        // Durable before the activity goes on: a later attempt resumes here.
+                        let k = heartbeat_key(&r.task.run_id, r.task.seq);
+                        if let Err(e) = state.args.streams.heartbeats.put(k, details.0.into()).await
+                        {
+                            tracing::warn!(error = %e, run_id = %r.task.run_id, seq = r.task.seq, "heartbeat details not stored");
+                        }
+                    }
                 }
             }
             PoolMsg::Finished { key, result } => {
@@ -287,7 +295,13 @@ fn fetch(myself: &ActorRef<PoolMsg>, state: &mut PoolState) {
                             let _ = pool.send_message(PoolMsg::Delivered(Box::new(m)));
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "pull failed");
+                            // A pull cut off because the pool or the server is stopping is
+                            // not worth a warning.
+                            if pool.get_status() == ractor::ActorStatus::Running {
+                                tracing::warn!(error = %e, "pull failed");
+                            } else {
+                                tracing::debug!(error = %e, "pull ended with the pool");
+                            }
                             break;
                         }
                     }
@@ -348,10 +362,28 @@ async fn start_task(
         seq: task.seq,
         attempt: task.attempt,
     };
+    // Activities that heartbeat may resume from the details an earlier attempt recorded.
+    let details = match task.heartbeat_timeout_ms {
+        Some(_) => match state
+            .args
+            .streams
+            .heartbeats
+            .get(heartbeat_key(&task.run_id, task.seq))
+            .await
+        {
+            Ok(d) => d.map(|b| Payload(b.to_vec())),
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat details not readable; starting from scratch");
+                None
+            }
+        },
+        None => None,
+    };
     let pool = myself.clone();
     let ctx = ActivityContext::new(info, move |details| {
         let _ = pool.send_message(PoolMsg::Heartbeat { key, details });
-    });
+    })
+    .with_details(details);
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
     tracing::info!(activity = %task.activity, workflow_id = %task.workflow_id, run_id = %task.run_id, seq = task.seq,
         attempt = task.attempt, delivered, "activity started");

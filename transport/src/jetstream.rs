@@ -33,6 +33,11 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// The replica count used for Baton's streams (1 on a single server).
 pub const DEFAULT_REPLICAS: usize = 1;
 
+/// Name of the KV bucket holding the latest heartbeat details of each activity.
+pub const HEARTBEATS_BUCKET: &str = "BATON_HEARTBEATS";
+/// How long heartbeat details are kept after their last update.
+pub const HEARTBEATS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Handles to Baton's streams.
 #[derive(Clone)]
 pub struct Streams {
@@ -44,6 +49,9 @@ pub struct Streams {
     pub reports: stream::Stream,
     /// `BATON_HISTORY`.
     pub history: stream::Stream,
+    /// `BATON_HEARTBEATS`: key `<run_id>.<seq>` -> the activity's latest heartbeat
+    /// details, so any later attempt or redelivery resumes from them.
+    pub heartbeats: jetstream::kv::Store,
     max_payload: usize,
 }
 
@@ -91,11 +99,27 @@ impl Streams {
             })
             .await
             .map_err(Error::nats)?;
+        let heartbeats = match js.get_key_value(HEARTBEATS_BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(jetstream::kv::Config {
+                    bucket: HEARTBEATS_BUCKET.into(),
+                    history: 1,
+                    max_age: HEARTBEATS_MAX_AGE,
+                    max_value_size: max_msg,
+                    storage: StorageType::File,
+                    num_replicas: DEFAULT_REPLICAS,
+                    ..Default::default()
+                })
+                .await
+                .map_err(Error::nats)?,
+        };
         Ok(Streams {
             js,
             tasks,
             reports,
             history,
+            heartbeats,
             max_payload: client.server_info().max_payload,
         })
     }
@@ -159,6 +183,11 @@ impl Streams {
             Err(e) => Err(Error::nats(e)),
         }
     }
+}
+
+/// The heartbeat-details key of an activity.
+pub fn heartbeat_key(run_id: &str, seq: u32) -> String {
+    format!("{run_id}.{seq}")
 }
 
 /// The `Nats-Msg-Id` of a task attempt, so republishing it inside the duplicate window is
