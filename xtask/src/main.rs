@@ -6,6 +6,9 @@
 //! - `test [ARGS...]`: `setup`, build the workspace's binaries, then
 //!   `cargo test --workspace ARGS...` with `BATON_HOME` and `BATON_BIN` set.
 //! - `demo [ARGS...]`: `setup`, build `baton` in release mode, run `baton demo ARGS...`.
+//! - `bench [ARGS...]`: `setup`, build `baton` and `baton-loadgen` in release mode, run the
+//!   load generator against a fresh `baton dev` (`--help` lists its options); with
+//!   `--micro`, run the criterion micro-benchmarks instead.
 //!
 //! The exit code of the last command run is passed through.
 
@@ -23,7 +26,9 @@ usage: cargo xtask <command> [args...]
 commands:
   setup          fetch and verify nats-server, ONNX Runtime and the model into .baton/
   test [ARGS]    setup, build the binaries, then `cargo test --workspace ARGS`
-  demo [ARGS]    setup, build baton (release), then run `baton demo ARGS`";
+  demo [ARGS]    setup, build baton (release), then run `baton demo ARGS`
+  bench [ARGS]   setup, build (release), run the end-to-end load generator `baton-loadgen ARGS`
+  bench --micro  run the criterion micro-benchmarks (`cargo bench -p baton-benches`)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -34,6 +39,7 @@ fn main() -> ExitCode {
         Some("setup") => Err(anyhow::anyhow!("`setup` takes no arguments")),
         Some("test") => test(&rest),
         Some("demo") => demo(&rest),
+        Some("bench") => bench(&rest),
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -140,6 +146,37 @@ fn test(args: &[String]) -> Result<ExitCode> {
     }
     let st = child.wait()?;
     println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
+    Ok(exit_code(st))
+}
+
+/// `cargo xtask bench`: the load generator against a fresh `baton dev`, or `--micro`.
+fn bench(args: &[String]) -> Result<ExitCode> {
+    if args.iter().any(|a| a == "--micro") {
+        let rest: Vec<&String> = args.iter().filter(|a| *a != "--micro").collect();
+        return Ok(exit_code(status(
+            cargo(["bench", "-p", "baton-benches", "--bench", "micro", "--"]).args(rest),
+        )?));
+    }
+    let home = baton_home();
+    setup::run(&home)?;
+    check(&mut cargo([
+        "build",
+        "--release",
+        "-p",
+        "baton-orchestrator",
+        "-p",
+        "baton-benches",
+        "--bins",
+    ]))?;
+    let release = target_dir().join("release");
+    let st = status(
+        Command::new(release.join("baton-loadgen"))
+            .arg("--baton-bin")
+            .arg(release.join("baton"))
+            .args(args)
+            .current_dir(repo_root())
+            .env("BATON_HOME", &home),
+    )?;
     Ok(exit_code(st))
 }
 

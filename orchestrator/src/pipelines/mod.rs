@@ -13,6 +13,7 @@
 //! loaded lazily, once per process, by [`Models`].
 
 mod activities;
+pub mod bench;
 mod models;
 mod workflows;
 
@@ -125,6 +126,7 @@ pub fn factory(models: Arc<Models>) -> anyhow::Result<Registry> {
         move |ctx, texts| compute_embeddings(m.clone(), ctx, texts),
     )
     .context("registering compute_embeddings")?;
+    bench::register(&mut r).context("registering bench_pipeline")?;
     Ok(r)
 }
 

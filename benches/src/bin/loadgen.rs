@@ -1,0 +1,508 @@
+//! `baton-loadgen`: Baton's end-to-end load generator (`cargo xtask bench` runs it).
+//!
+//! Closed loop: C clients each start a workflow through the edge (a JSON request to
+//! `baton.start.<type>`, acknowledged once durable), wait for its result, check it, and
+//! start the next, until N workflows have completed (after a warm-up). By default it
+//! spawns `baton dev` as a child process (a local nats-server with `sync_interval: always`,
+//! an orchestrator, the CPU and GPU pools), so the CPU time and peak RSS of Baton and its
+//! nats-server are measured apart from the load generator's own. In the same run it
+//! measures the raw JetStream dispatch round trip (task -> pull -> result -> ack) on the
+//! same server, so Baton's overhead can be reported as a ratio to that limit.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use async_nats::jetstream::{self, consumer::pull, stream};
+use baton_benches::{children, median, percentile, proc_stats};
+use clap::Parser;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// Baton's end-to-end load generator.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Workloads: bench_pipeline, prepare_and_infer, batch_embed (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "bench_pipeline")]
+    workload: Vec<String>,
+    /// Concurrency levels (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    concurrency: Vec<usize>,
+    /// Workflows measured per run.
+    #[arg(long, default_value_t = 1000)]
+    workflows: usize,
+    /// Workflows run before measuring, per run.
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    /// Runs per (workload, concurrency); the median is reported with min-max.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Use this NATS server (and the Baton nodes behind it) instead of spawning `baton dev`.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// The `baton` binary to spawn (default: beside this binary).
+    #[arg(long)]
+    baton_bin: Option<PathBuf>,
+    /// Concurrency of the spawned dev's CPU pool.
+    #[arg(long, default_value_t = 64)]
+    cpu_concurrency: usize,
+    /// Concurrency of the spawned dev's GPU pool.
+    #[arg(long, default_value_t = 64)]
+    gpu_concurrency: usize,
+    /// Raw JetStream round trips measured per concurrency level (0: skip).
+    #[arg(long, default_value_t = 2000)]
+    raw: usize,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+struct Dev {
+    child: Child,
+    _dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_dev(args: &Args) -> anyhow::Result<Dev> {
+    let bin = match &args.baton_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("baton"),
+    };
+    let dir = tempfile::Builder::new().prefix("baton-bench-").tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new(&bin)
+        .args(["dev", "--nats-port", &port.to_string(), "--data-dir"])
+        .arg(dir.path())
+        .args(["--cpu-concurrency", &args.cpu_concurrency.to_string()])
+        .args(["--gpu-concurrency", &args.gpu_concurrency.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("dev.log"))?)
+        .spawn()
+        .with_context(|| format!("spawning {}", bin.display()))?;
+    Ok(Dev {
+        child,
+        _dir: dir,
+        url: format!("nats://127.0.0.1:{port}"),
+    })
+}
+
+/// Input and result check of a workload.
+fn input(workload: &str, i: usize) -> Value {
+    match workload {
+        "bench_pipeline" => json!({"text": format!("Hello Bench {i}")}),
+        "prepare_and_infer" => {
+            let texts = [
+                "I really enjoyed this, great work",
+                "This was a waste of money",
+                "Fast delivery and friendly support",
+                "The app keeps crashing, awful",
+            ];
+            json!({"text": texts[i % texts.len()]})
+        }
+        "batch_embed" => {
+            json!({"texts": (0..32).map(|j| format!("document {i} sentence {j} about orchestration")).collect::<Vec<_>>()})
+        }
+        _ => Value::Null,
+    }
+}
+
+fn check(workload: &str, i: usize, output: &Value) -> bool {
+    match workload {
+        "bench_pipeline" => {
+            let text = format!("hello bench {i}");
+            let sum = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
+            output["text"] == text.as_str() && output["checksum"].as_u64() == Some(sum)
+        }
+        "prepare_and_infer" => {
+            output["label"].is_string()
+                && output["score"]
+                    .as_f64()
+                    .is_some_and(|s| (0.0..=1.0).contains(&s))
+        }
+        "batch_embed" => output["embeddings"].as_array().is_some_and(|a| {
+            a.len() == 32
+                && a.iter()
+                    .all(|v| v.as_array().is_some_and(|v| v.len() == 384))
+        }),
+        _ => false,
+    }
+}
+
+async fn request(
+    nc: &async_nats::Client,
+    subject: String,
+    body: &Value,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    let req = async_nats::Request::new()
+        .headers(headers)
+        .payload(serde_json::to_vec(body)?.into())
+        .timeout(Some(timeout));
+    let m = nc.send_request(subject, req).await?;
+    Ok(serde_json::from_slice(&m.payload)?)
+}
+
+/// One workflow, start to result. Returns the latency.
+async fn one(
+    nc: &async_nats::Client,
+    workload: &str,
+    prefix: &str,
+    i: usize,
+) -> anyhow::Result<Duration> {
+    let id = format!("{prefix}-{i}");
+    let t = Instant::now();
+    let started = request(
+        nc,
+        format!("baton.start.{workload}"),
+        &json!({"workflow_id": id, "input": input(workload, i)}),
+        Duration::from_secs(30),
+    )
+    .await?;
+    if started["status"] != "started" {
+        bail!("start of {id}: {started}");
+    }
+    let result = request(
+        nc,
+        "baton.api.result".into(),
+        &json!({"workflow_id": id, "wait_ms": 120_000}),
+        Duration::from_secs(130),
+    )
+    .await?;
+    if result["status"] != "completed" {
+        bail!("{id}: {result}");
+    }
+    if !check(workload, i, &result["output"]) {
+        bail!("{id}: wrong result {}", result["output"]);
+    }
+    Ok(t.elapsed())
+}
+
+/// Runs `n` workflows at concurrency `c`; returns (elapsed, sorted latencies in ms).
+async fn closed_loop(
+    nc: &async_nats::Client,
+    workload: &str,
+    prefix: &str,
+    c: usize,
+    n: usize,
+) -> anyhow::Result<(Duration, Vec<f64>)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let lat = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let t = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..c {
+        let (nc, next, lat, workload, prefix) = (
+            nc.clone(),
+            next.clone(),
+            lat.clone(),
+            workload.to_string(),
+            prefix.to_string(),
+        );
+        clients.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let d = one(&nc, &workload, &prefix, i).await?;
+                lat.lock().unwrap().push(d.as_secs_f64() * 1e3);
+            }
+        }));
+    }
+    for c in clients {
+        c.await??;
+    }
+    let elapsed = t.elapsed();
+    let mut l = std::mem::take(&mut *lat.lock().unwrap());
+    l.sort_by(f64::total_cmp);
+    Ok((elapsed, l))
+}
+
+fn baton_cpu(pids: &[u32]) -> (f64, u64) {
+    pids.iter()
+        .filter_map(|p| proc_stats(*p))
+        .fold((0.0, 0), |(c, r), s| (c + s.cpu_s, r + s.peak_rss))
+}
+
+/// Raw JetStream dispatch round trip at concurrency `c`: publish a task (acked), a worker
+/// pulls it, publishes a result (acked) and acks the task; the driver pulls the result and
+/// acks it. Returns (round trips/s, p50 ms, p99 ms).
+async fn raw_round_trip(
+    nc: &async_nats::Client,
+    c: usize,
+    n: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let js = jetstream::new(nc.clone());
+    let tag = format!("{}", std::process::id());
+    for (name, subj) in [
+        ("BENCH_RAW_TASKS", "benchraw.task.>"),
+        ("BENCH_RAW_RESULTS", "benchraw.result.>"),
+    ] {
+        let _ = js.delete_stream(name).await;
+        js.create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![subj.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    }
+    let tasks = js
+        .get_stream("BENCH_RAW_TASKS")
+        .await?
+        .create_consumer(pull::Config {
+            durable_name: Some(format!("w{tag}")),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let results = js
+        .get_stream("BENCH_RAW_RESULTS")
+        .await?
+        .create_consumer(pull::Config {
+            durable_name: Some(format!("d{tag}")),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let worker_js = js.clone();
+    let worker = tokio::spawn(async move {
+        let mut msgs = tasks.messages().await?;
+        while let Some(m) = msgs.next().await {
+            let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let js = worker_js.clone();
+            tokio::spawn(async move {
+                let id = m.subject.rsplit('.').next().unwrap_or("0").to_string();
+                if let Ok(ack) = js
+                    .publish(format!("benchraw.result.{id}"), m.payload.clone())
+                    .await
+                {
+                    let _ = ack.await;
+                }
+                let _ = m.ack().await;
+            });
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    let waiters: Arc<Mutex<HashMap<usize, tokio::sync::oneshot::Sender<()>>>> = Arc::default();
+    let w2 = waiters.clone();
+    let driver = tokio::spawn(async move {
+        let mut msgs = results.messages().await?;
+        while let Some(m) = msgs.next().await {
+            let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let id: usize = m
+                .subject
+                .rsplit('.')
+                .next()
+                .unwrap_or("0")
+                .parse()
+                .unwrap_or(0);
+            let _ = m.ack().await;
+            if let Some(tx) = w2.lock().unwrap().remove(&id) {
+                let _ = tx.send(());
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    let next = Arc::new(AtomicUsize::new(0));
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let t = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..c {
+        let (js, next, lat, waiters) = (js.clone(), next.clone(), lat.clone(), waiters.clone());
+        clients.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                waiters.lock().unwrap().insert(i, tx);
+                let s = Instant::now();
+                js.publish(
+                    format!("benchraw.task.{i}"),
+                    bytes::Bytes::from_static(b"task"),
+                )
+                .await?
+                .await?;
+                tokio::time::timeout(Duration::from_secs(30), rx).await??;
+                lat.lock().unwrap().push(s.elapsed().as_secs_f64() * 1e3);
+            }
+        }));
+    }
+    for c in clients {
+        c.await??;
+    }
+    let elapsed = t.elapsed().as_secs_f64();
+    worker.abort();
+    driver.abort();
+    for name in ["BENCH_RAW_TASKS", "BENCH_RAW_RESULTS"] {
+        let _ = js.delete_stream(name).await;
+    }
+    let mut l = std::mem::take(&mut *lat.lock().unwrap());
+    l.sort_by(f64::total_cmp);
+    Ok((
+        n as f64 / elapsed,
+        percentile(&l, 0.5),
+        percentile(&l, 0.99),
+    ))
+}
+
+fn fmt_range(values: &[f64], digits: usize) -> String {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(
+        "{:.d$} ({:.d$}-{:.d$})",
+        median(values),
+        min,
+        max,
+        d = digits
+    )
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dev = match &args.nats_url {
+        Some(_) => None,
+        None => Some(spawn_dev(&args)?),
+    };
+    let url = args
+        .nats_url
+        .clone()
+        .or_else(|| dev.as_ref().map(|d| d.url.clone()))
+        .expect("a url");
+    let nc = loop {
+        match async_nats::ConnectOptions::new().connect(&url).await {
+            Ok(nc) => break nc,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    // Wait until the orchestrator answers.
+    let t0 = Instant::now();
+    while request(
+        &nc,
+        "baton.api.list".into(),
+        &json!({"limit": 1}),
+        Duration::from_secs(2),
+    )
+    .await
+    .is_err()
+    {
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("Baton did not answer within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pids: Vec<u32> = match &dev {
+        Some(d) => {
+            let mut p = vec![d.child.id()];
+            p.extend(children(d.child.id()));
+            p
+        }
+        None => Vec::new(),
+    };
+    let machine = format!(
+        "{} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "baton-loadgen: {machine}, {} runs of {} workflows (+{} warm-up) per point; Baton = `baton dev` (pids {pids:?})",
+        args.runs, args.workflows, args.warmup
+    );
+    let mut report = Vec::new();
+    let prefix_base = format!(
+        "lg{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+    );
+    println!(
+        "\n{:<18} {:>4} {:>22} {:>20} {:>20} {:>20} {:>16}",
+        "workload", "C", "workflows/s", "p50 ms", "p90 ms", "p99 ms", "CPU ms/wf"
+    );
+    for workload in &args.workload {
+        for &c in &args.concurrency {
+            let (mut tput, mut p50, mut p90, mut p99, mut cpu) =
+                (vec![], vec![], vec![], vec![], vec![]);
+            for run in 0..args.runs {
+                let prefix = format!("{prefix_base}-{workload}-{c}-{run}");
+                closed_loop(&nc, workload, &format!("{prefix}-w"), c, args.warmup).await?;
+                let (cpu0, _) = baton_cpu(&pids);
+                let (elapsed, lat) = closed_loop(&nc, workload, &prefix, c, args.workflows).await?;
+                let (cpu1, _) = baton_cpu(&pids);
+                tput.push(args.workflows as f64 / elapsed.as_secs_f64());
+                p50.push(percentile(&lat, 0.5));
+                p90.push(percentile(&lat, 0.9));
+                p99.push(percentile(&lat, 0.99));
+                cpu.push((cpu1 - cpu0) * 1e3 / args.workflows as f64);
+            }
+            let cpu_s = if pids.is_empty() {
+                "n/a".to_string()
+            } else {
+                fmt_range(&cpu, 2)
+            };
+            println!(
+                "{workload:<18} {c:>4} {:>22} {:>20} {:>20} {:>20} {:>16}",
+                fmt_range(&tput, 0),
+                fmt_range(&p50, 2),
+                fmt_range(&p90, 2),
+                fmt_range(&p99, 2),
+                cpu_s
+            );
+            report.push(json!({"workload": workload, "concurrency": c, "workflows_per_s": tput, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "cpu_ms_per_workflow": cpu}));
+        }
+    }
+    let (_, rss) = baton_cpu(&pids);
+    if !pids.is_empty() {
+        println!(
+            "\npeak RSS of Baton + nats-server: {:.0} MiB",
+            rss as f64 / 1048576.0
+        );
+    }
+    let mut raw_report = Vec::new();
+    if args.raw > 0 {
+        println!(
+            "\nraw JetStream dispatch round trip on the same server (task -> pull -> result -> ack):"
+        );
+        for &c in &args.concurrency {
+            let (rate, p50, p99) = raw_round_trip(&nc, c, args.raw).await?;
+            println!("  C={c:<4} {rate:>8.0} round trips/s   p50 {p50:.2} ms   p99 {p99:.2} ms");
+            raw_report.push(
+                json!({"concurrency": c, "round_trips_per_s": rate, "p50_ms": p50, "p99_ms": p99}),
+            );
+        }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            serde_json::to_vec_pretty(
+                &json!({"machine": machine, "results": report, "raw_jetstream": raw_report, "peak_rss_bytes": rss}),
+            )?,
+        )?;
+    }
+    Ok(())
+}
