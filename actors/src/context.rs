@@ -50,6 +50,13 @@ pub enum Command {
         /// Options in force.
         options: ActivityOptions,
     },
+    /// Start a durable timer.
+    StartTimer {
+        /// Sequence number (shared with activities).
+        seq: u32,
+        /// How long to sleep, in milliseconds.
+        duration_ms: u64,
+    },
     /// Close the run as completed.
     CompleteWorkflow {
         /// Output.
@@ -64,6 +71,8 @@ pub enum Command {
 
 #[derive(Default)]
 pub(crate) struct Shared {
+    /// Workflow time: when the latest event the code has seen was recorded.
+    pub(crate) now_ms: u64,
     pub(crate) next_seq: u32,
     pub(crate) commands: Vec<Command>,
     pub(crate) results: HashMap<u32, Result<Payload, Failure>>,
@@ -97,6 +106,28 @@ impl WorkflowContext {
     /// The run ID.
     pub fn run_id(&self) -> &str {
         &self.run_id
+    }
+
+    /// Workflow time, Unix milliseconds: when the event the workflow is reacting to was
+    /// recorded. Deterministic under replay, unlike the clock.
+    pub fn now_ms(&self) -> u64 {
+        self.shared.lock().expect("workflow context lock").now_ms
+    }
+
+    /// Sleeps on a durable timer: it survives restarts of the orchestrator and fires once
+    /// `duration` has passed since it was started.
+    pub fn sleep(&self, duration: std::time::Duration) -> TimerFuture {
+        let mut shared = self.shared.lock().expect("workflow context lock");
+        let seq = shared.next_seq;
+        shared.next_seq += 1;
+        shared.commands.push(Command::StartTimer {
+            seq,
+            duration_ms: duration.as_millis() as u64,
+        });
+        TimerFuture {
+            shared: self.shared.clone(),
+            seq,
+        }
     }
 
     /// Schedules an activity with the options the registry declares for it.
@@ -151,6 +182,25 @@ impl WorkflowContext {
             refused: Some(error),
             _out: PhantomData,
         }
+    }
+}
+
+/// Resolves once the timer's firing is recorded in the journal.
+pub struct TimerFuture {
+    shared: Arc<Mutex<Shared>>,
+    seq: u32,
+}
+
+impl Future for TimerFuture {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut shared = self.shared.lock().expect("workflow context lock");
+        if shared.results.remove(&self.seq).is_some() {
+            return Poll::Ready(());
+        }
+        shared.wakers.insert(self.seq, cx.waker().clone());
+        Poll::Pending
     }
 }
 

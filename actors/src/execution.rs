@@ -56,6 +56,10 @@ pub(crate) enum ExecMsg {
     /// After a restart, once the reports that were waiting have been applied: republish the
     /// tasks of in-flight attempts that JetStream no longer holds.
     Redispatch,
+    /// A durable timer is due.
+    TimerDue { seq: u32 },
+    /// An activity's schedule-to-close deadline is due.
+    Deadline { seq: u32 },
 }
 
 struct Pending {
@@ -66,6 +70,8 @@ struct Pending {
     attempt: u32,
     /// When the current attempt may be dispatched (Unix ms), for retries in backoff.
     due_ms: u64,
+    /// The schedule-to-close deadline (Unix ms), if the activity has one.
+    deadline_ms: Option<u64>,
 }
 
 pub(crate) struct ExecState {
@@ -74,6 +80,8 @@ pub(crate) struct ExecState {
     exec: Execution,
     next_event_id: u32,
     pending: BTreeMap<u32, Pending>,
+    /// Durable timers started and not fired: seq -> fire time (Unix ms).
+    timers: BTreeMap<u32, u64>,
     /// Set when the code no longer matches the journal: the run stays open, untouched.
     blocked: Option<String>,
 }
@@ -121,11 +129,18 @@ impl Actor for ExecutionActor {
             rt.registry.policies().clone(),
         );
         let mut pending: BTreeMap<u32, Pending> = BTreeMap::new();
+        let mut timers: BTreeMap<u32, u64> = BTreeMap::new();
         let mut blocked = None;
-        for event in &history {
-            if let Err(e) = exec.apply(event) {
+        // Rebuild the workflow's state the way it ran; what the code issued beyond the
+        // journal (it ran ahead of a crash) is new work.
+        let ahead = match exec.replay(&history) {
+            Ok(commands) => commands,
+            Err(e) => {
                 blocked = Some(e.to_string());
+                Vec::new()
             }
+        };
+        for event in &history {
             match &event.kind {
                 EventKind::ActivityScheduled {
                     seq,
@@ -141,8 +156,15 @@ impl Actor for ExecutionActor {
                             options: options.clone(),
                             attempt: 1,
                             due_ms: 0,
+                            deadline_ms: options.schedule_to_close_ms.map(|d| event.at_ms + d),
                         },
                     );
+                }
+                EventKind::TimerStarted { seq, fire_at_ms } => {
+                    timers.insert(*seq, *fire_at_ms);
+                }
+                EventKind::TimerFired { seq } => {
+                    timers.remove(seq);
                 }
                 EventKind::ActivityCompleted { seq, .. }
                 | EventKind::ActivityFailed {
@@ -167,22 +189,33 @@ impl Actor for ExecutionActor {
             }
         }
         let next_event_id = history.last().map_or(1, |e| e.id + 1);
+        // Durable timers and deadlines of the journal resume where they were.
+        let now = now_ms();
+        for (&seq, &fire_at) in &timers {
+            myself.send_after(
+                Duration::from_millis(fire_at.saturating_sub(now)),
+                move || ExecMsg::TimerDue { seq },
+            );
+        }
+        for (&seq, p) in &pending {
+            if let Some(deadline) = p.deadline_ms {
+                myself.send_after(
+                    Duration::from_millis(deadline.saturating_sub(now)),
+                    move || ExecMsg::Deadline { seq },
+                );
+            }
+        }
         let mut state = ExecState {
             rt,
             run,
             exec,
             next_event_id,
             pending,
+            timers,
             blocked,
         };
         if state.blocked.is_none() {
-            // Commands the journal lacks (the code ran ahead of a crash) are new work.
-            match state.exec.advance() {
-                Ok(commands) => {
-                    state.record(Vec::new(), commands, &myself).await?;
-                }
-                Err(e) => state.blocked = Some(e.to_string()),
-            }
+            state.record(now_ms(), Vec::new(), ahead, &myself).await?;
         }
         if let Some(reason) = &state.blocked {
             tracing::error!(workflow_id = %state.run.workflow_id, run_id = %state.run.run_id, %reason,
@@ -234,6 +267,41 @@ impl Actor for ExecutionActor {
                     state.dispatch(&[seq], false).await?;
                 }
             }
+            ExecMsg::TimerDue { seq } => {
+                if state.timers.remove(&seq).is_some() {
+                    state
+                        .resolve(EventKind::TimerFired { seq }, &myself)
+                        .await?;
+                }
+            }
+            ExecMsg::Deadline { seq } => {
+                let due = state
+                    .pending
+                    .get(&seq)
+                    .and_then(|p| p.deadline_ms)
+                    .is_some_and(|d| d <= now_ms());
+                if due {
+                    let p = state.pending.remove(&seq).expect("pending activity");
+                    tracing::warn!(run_id = %state.run.run_id, seq, activity = %p.activity, "activity failed: schedule-to-close timeout");
+                    let failure = baton_transport::wire::Failure {
+                        kind: "ScheduleToCloseTimeout".into(),
+                        message: format!(
+                            "activity {:?} did not complete within its schedule-to-close timeout of {} ms",
+                            p.activity,
+                            p.options.schedule_to_close_ms.unwrap_or(0)
+                        ),
+                        retryable: false,
+                    };
+                    let kind = EventKind::ActivityFailed {
+                        seq,
+                        attempt: p.attempt,
+                        worker: "orchestrator".into(),
+                        failure,
+                        retry_in_ms: None,
+                    };
+                    state.resolve(kind, &myself).await?;
+                }
+            }
             ExecMsg::Redispatch => {
                 let now = now_ms();
                 let due: Vec<u32> = state
@@ -276,10 +344,16 @@ impl ExecState {
                 }
             }
             ActivityOutcome::Failed { failure } => {
-                match p.options.retry.next_delay(attempt, &failure) {
+                // No retry whose backoff would run past the schedule-to-close deadline.
+                let now = now_ms();
+                let retry = p.options.retry.next_delay(attempt, &failure).filter(|d| {
+                    p.deadline_ms
+                        .is_none_or(|dl| now + (d.as_millis() as u64) < dl)
+                });
+                match retry {
                     Some(delay) => {
                         p.attempt += 1;
-                        p.due_ms = now_ms() + delay.as_millis() as u64;
+                        p.due_ms = now + delay.as_millis() as u64;
                         let next = p.attempt;
                         tracing::warn!(run_id = %self.run.run_id, seq, attempt, kind = %failure.kind, retry_in_ms = delay.as_millis() as u64,
                         "activity attempt failed; retrying");
@@ -290,7 +364,7 @@ impl ExecState {
                             failure,
                             retry_in_ms: Some(delay.as_millis() as u64),
                         };
-                        self.record(vec![event], Vec::new(), myself).await?;
+                        self.record(now, vec![event], Vec::new(), myself).await?;
                         myself.send_after(delay, move || ExecMsg::RetryDue { seq, attempt: next });
                         return Ok(());
                     }
@@ -308,13 +382,19 @@ impl ExecState {
                 }
             }
         };
-        // Resolve the activity in the workflow, run it on, and journal the resolution with
-        // whatever the code did next, in one append.
-        let event = Event {
-            id: 0,
-            at_ms: 0,
-            kind: first,
-        };
+        self.resolve(first, myself).await
+    }
+
+    /// Hands an event that resolves something (an activity's outcome, a timer's firing) to
+    /// the workflow, runs it on, and journals the event with whatever the code did next, in
+    /// one append. The event carries one timestamp, seen alike live and in replay.
+    async fn resolve(
+        &mut self,
+        kind: EventKind,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let at_ms = now_ms();
+        let event = Event { id: 0, at_ms, kind };
         self.exec.apply(&event)?;
         let commands = match self.exec.advance() {
             Ok(c) => c,
@@ -324,18 +404,20 @@ impl ExecState {
                 return Err(e.into());
             }
         };
-        self.record(vec![event.kind], commands, myself).await
+        self.record(at_ms, vec![event.kind], commands, myself).await
     }
 
     /// Journals `kinds` then the events of `commands`, then performs their effects.
     async fn record(
         &mut self,
+        at_ms: u64,
         kinds: Vec<EventKind>,
         commands: Vec<Command>,
         myself: &ActorRef<ExecMsg>,
     ) -> Result<(), ActorProcessingErr> {
         let mut kinds = kinds;
         let mut to_dispatch = Vec::new();
+        let mut timers = Vec::new();
         let mut close = false;
         for command in commands {
             match command {
@@ -353,6 +435,7 @@ impl ExecState {
                             options: options.clone(),
                             attempt: 1,
                             due_ms: 0,
+                            deadline_ms: options.schedule_to_close_ms.map(|d| at_ms + d),
                         },
                     );
                     to_dispatch.push(seq);
@@ -362,6 +445,12 @@ impl ExecState {
                         input,
                         options,
                     });
+                }
+                Command::StartTimer { seq, duration_ms } => {
+                    let fire_at_ms = at_ms + duration_ms;
+                    self.timers.insert(seq, fire_at_ms);
+                    timers.push((seq, duration_ms));
+                    kinds.push(EventKind::TimerStarted { seq, fire_at_ms });
                 }
                 Command::CompleteWorkflow { output } => {
                     close = true;
@@ -376,7 +465,6 @@ impl ExecState {
         if kinds.is_empty() {
             return Ok(());
         }
-        let at_ms = now_ms();
         let events: Vec<Event> = kinds
             .into_iter()
             .enumerate()
@@ -393,8 +481,25 @@ impl ExecState {
         self.next_event_id += events.len() as u32;
         self.run.last_event_id = self.next_event_id - 1;
         for e in &events {
-            if matches!(e.kind, EventKind::ActivityScheduled { .. }) {
+            if matches!(
+                e.kind,
+                EventKind::ActivityScheduled { .. } | EventKind::TimerStarted { .. }
+            ) {
                 self.exec.apply(e)?;
+            }
+        }
+        for (seq, duration_ms) in timers {
+            myself.send_after(Duration::from_millis(duration_ms), move || {
+                ExecMsg::TimerDue { seq }
+            });
+        }
+        for &seq in &to_dispatch {
+            if let Some(d) = self
+                .pending
+                .get(&seq)
+                .and_then(|p| p.options.schedule_to_close_ms)
+            {
+                myself.send_after(Duration::from_millis(d), move || ExecMsg::Deadline { seq });
             }
         }
         self.dispatch(&to_dispatch, false).await?;

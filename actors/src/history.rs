@@ -68,6 +68,18 @@ pub enum EventKind {
         /// Delay before the next attempt; `None` when the failure is final.
         retry_in_ms: Option<u64>,
     },
+    /// The workflow started a durable timer.
+    TimerStarted {
+        /// Sequence number (shared with activities).
+        seq: u32,
+        /// When it fires, Unix milliseconds.
+        fire_at_ms: u64,
+    },
+    /// A durable timer fired; the workflow's sleep returns.
+    TimerFired {
+        /// Sequence number of the timer.
+        seq: u32,
+    },
     /// The workflow returned a value; the run is closed.
     WorkflowCompleted {
         /// The output.
@@ -88,6 +100,8 @@ impl EventKind {
             EventKind::ActivityScheduled { .. } => "activity_scheduled",
             EventKind::ActivityCompleted { .. } => "activity_completed",
             EventKind::ActivityFailed { .. } => "activity_failed",
+            EventKind::TimerStarted { .. } => "timer_started",
+            EventKind::TimerFired { .. } => "timer_fired",
             EventKind::WorkflowCompleted { .. } => "workflow_completed",
             EventKind::WorkflowFailed { .. } => "workflow_failed",
         }
@@ -142,6 +156,10 @@ impl Event {
             } => json!({
                 "seq": seq, "attempt": attempt, "worker": worker, "failure": failure, "retry_in_ms": retry_in_ms,
             }),
+            EventKind::TimerStarted { seq, fire_at_ms } => {
+                json!({"seq": seq, "fire_at_ms": fire_at_ms})
+            }
+            EventKind::TimerFired { seq } => json!({"seq": seq}),
             EventKind::WorkflowCompleted { output } => json!({"output": output.to_json()}),
             EventKind::WorkflowFailed { failure } => json!({"failure": failure}),
         };

@@ -68,6 +68,7 @@ pub enum Error {
 
 /// A running orchestrator node.
 pub struct Orchestrator {
+    rt: Arc<Runtime>,
     supervisor: ActorRef<SupervisorMsg>,
     tasks: Vec<JoinHandle<()>>,
     recovered: usize,
@@ -161,6 +162,7 @@ impl Orchestrator {
         )));
         tracing::info!(recovered, workflows = ?rt.registry.workflow_names(), "orchestrator started");
         Ok(Orchestrator {
+            rt,
             supervisor,
             tasks,
             recovered,
@@ -177,7 +179,21 @@ impl Orchestrator {
         for t in &self.tasks {
             t.abort();
         }
-        self.supervisor.stop(None);
+        let executions: Vec<ActorRef<ExecMsg>> = self
+            .rt
+            .executions
+            .lock()
+            .expect("executions lock")
+            .drain()
+            .map(|(_, a)| a)
+            .collect();
+        for e in executions {
+            let _ = e.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        }
+        let _ = self
+            .supervisor
+            .stop_and_wait(None, Some(Duration::from_secs(5)))
+            .await;
     }
 }
 
@@ -323,6 +339,11 @@ async fn edge(
                 tracing::warn!(subject = %message.subject, "edge request without a reply subject ignored");
                 return;
             };
+            // Under `baton.api.*` but served by another role (the vector index's owner): an
+            // answer from here would race the real one.
+            if message.subject.as_str() == subject::API_SEARCH {
+                return;
+            }
             let reply = handler(rt, supervisor, message).await;
             let (bytes, content_type) = match (&reply.body, reply.format) {
                 (Ok(v), f) => (f.encode(v), f),

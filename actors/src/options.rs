@@ -71,6 +71,12 @@ pub struct ActivityOptions {
     /// Longest an attempt may go without a heartbeat, in milliseconds (None: no heartbeat
     /// required).
     pub heartbeat_timeout_ms: Option<u64>,
+    /// The end-to-end deadline of the activity, all attempts and backoffs included, in
+    /// milliseconds from its scheduling (None: bounded by the retry policy only). Enforced
+    /// by the orchestrator with a durable timer: a task lost anywhere is failed at the
+    /// deadline, never waited on forever.
+    #[serde(default)]
+    pub schedule_to_close_ms: Option<u64>,
     /// The retry policy.
     pub retry: RetryPolicy,
 }
@@ -82,8 +88,15 @@ impl ActivityOptions {
             task_queue: task_queue.into(),
             start_to_close_ms: start_to_close.as_millis() as u64,
             heartbeat_timeout_ms: None,
+            schedule_to_close_ms: None,
             retry,
         }
+    }
+
+    /// Sets the end-to-end deadline (schedule-to-close).
+    pub fn schedule_to_close(mut self, timeout: Duration) -> Self {
+        self.schedule_to_close_ms = Some(timeout.as_millis() as u64);
+        self
     }
 
     /// Requires heartbeats at least this often.

@@ -27,6 +27,18 @@ use crate::{
     registry::{Policies, WorkflowFn},
 };
 
+/// The name a timer takes in the determinism check (not a valid activity name).
+const TIMER: &str = "@timer";
+
+fn describe(c: &Command) -> String {
+    match c {
+        Command::ScheduleActivity { seq, activity, .. } => format!("seq {seq} {activity:?}"),
+        Command::StartTimer { seq, .. } => format!("seq {seq} a timer"),
+        Command::CompleteWorkflow { .. } => "its completion".into(),
+        Command::FailWorkflow { .. } => "its failure".into(),
+    }
+}
+
 type WorkflowFuture = Pin<Box<dyn Future<Output = Result<Payload, WorkflowError>> + Send>>;
 
 struct Flag(AtomicBool);
@@ -76,8 +88,84 @@ impl Execution {
         self.finished || self.recorded_close
     }
 
+    /// Rebuilds the execution from its journal, the way it ran live: after each event that
+    /// woke the workflow (its start, an activity's outcome, a timer firing) the code runs on,
+    /// and the commands it issues must be the events that follow in the journal. Returns
+    /// the commands the journal does not hold yet (the code ran ahead of a crash).
+    pub fn replay(&mut self, history: &[Event]) -> Result<Vec<Command>, Nondeterminism> {
+        let mut expected: std::collections::VecDeque<Command> = Default::default();
+        for event in history {
+            let recorded = match &event.kind {
+                EventKind::ActivityScheduled { seq, activity, .. } => {
+                    Some((*seq, activity.as_str()))
+                }
+                EventKind::TimerStarted { seq, .. } => Some((*seq, TIMER)),
+                _ => None,
+            };
+            if let Some((seq, name)) = recorded {
+                match expected.pop_front() {
+                    Some(Command::ScheduleActivity {
+                        seq: s,
+                        ref activity,
+                        ..
+                    }) if s == seq && activity == name => {}
+                    Some(Command::StartTimer { seq: s, .. }) if s == seq && name == TIMER => {}
+                    Some(other) => {
+                        return Err(Nondeterminism(format!(
+                            "event {}: the journal has seq {seq} {name:?} but the code issued {}",
+                            event.id,
+                            describe(&other)
+                        )));
+                    }
+                    None => {
+                        return Err(Nondeterminism(format!(
+                            "event {}: the journal has seq {seq} {name:?} but the code did not issue it",
+                            event.id
+                        )));
+                    }
+                }
+            }
+            if event.kind.is_close() {
+                match expected.pop_front() {
+                    Some(Command::CompleteWorkflow { .. } | Command::FailWorkflow { .. }) => {}
+                    other => {
+                        return Err(Nondeterminism(format!(
+                            "event {}: the journal says the workflow closed but the code {}",
+                            event.id,
+                            other
+                                .as_ref()
+                                .map_or("has not returned".to_string(), |c| format!(
+                                    "issued {}",
+                                    describe(c)
+                                ))
+                        )));
+                    }
+                }
+            }
+            self.apply(event)?;
+            let wakes = matches!(
+                event.kind,
+                EventKind::WorkflowStarted { .. }
+                    | EventKind::ActivityCompleted { .. }
+                    | EventKind::ActivityFailed {
+                        retry_in_ms: None,
+                        ..
+                    }
+                    | EventKind::TimerFired { .. }
+            );
+            if wakes {
+                expected.extend(self.advance()?);
+            }
+        }
+        Ok(expected.into())
+    }
+
     /// Feeds one journal event.
     pub fn apply(&mut self, event: &Event) -> Result<(), Nondeterminism> {
+        {
+            let mut shared = self.ctx.shared.lock().expect("workflow context lock");
+            shared.now_ms = shared.now_ms.max(event.at_ms);
+        }
         match &event.kind {
             EventKind::WorkflowStarted { input, .. } => {
                 if self.future.is_some() {
@@ -101,6 +189,10 @@ impl Execution {
                 ..
             } => self.resolve(*seq, Err(failure.clone())),
             EventKind::ActivityFailed { .. } => {}
+            EventKind::TimerStarted { seq, .. } => {
+                self.recorded.insert(*seq, TIMER.into());
+            }
+            EventKind::TimerFired { seq } => self.resolve(*seq, Ok(Payload::default())),
             EventKind::WorkflowCompleted { .. } | EventKind::WorkflowFailed { .. } => {
                 self.recorded_close = true
             }
@@ -140,10 +232,16 @@ impl Execution {
                 .commands,
         );
         for command in commands {
-            if let Command::ScheduleActivity { seq, activity, .. } = &command {
+            let scheduled = match &command {
+                Command::ScheduleActivity { seq, activity, .. } => Some((*seq, activity.clone())),
+                Command::StartTimer { seq, .. } => Some((*seq, TIMER.to_string())),
+                _ => None,
+            };
+            if let Some((seq, activity)) = scheduled {
+                let seq = &seq;
                 self.emitted = self.emitted.max(seq + 1);
                 match self.recorded.get(seq) {
-                    Some(recorded) if recorded == activity => continue,
+                    Some(recorded) if *recorded == activity => continue,
                     Some(recorded) => {
                         return Err(Nondeterminism(format!(
                             "activity seq {seq}: the journal scheduled {recorded:?} but the code schedules {activity:?}"
@@ -293,10 +391,7 @@ mod tests {
     }
 
     fn replay(exec: &mut Execution, history: &[Event]) -> Result<Vec<Command>, Nondeterminism> {
-        for e in history {
-            exec.apply(e)?;
-        }
-        exec.advance()
+        exec.replay(history)
     }
 
     fn scheduled_names(commands: &[Command]) -> Vec<(u32, String)> {
@@ -496,6 +591,97 @@ mod tests {
             .build();
         let mut exec = execution(&r, "two_steps");
         assert!(replay(&mut exec, &h).is_err());
+    }
+
+    /// Workflow time at each step, and a durable timer between the steps.
+    async fn timed(ctx: WorkflowContext, text: String) -> Result<(u64, u64, u64), WorkflowError> {
+        let up = ctx.activity(&UPPER, &text).await?;
+        let t1 = ctx.now_ms();
+        ctx.sleep(Duration::from_secs(60)).await;
+        let t2 = ctx.now_ms();
+        ctx.activity(&COUNT, &up).await?;
+        Ok((t1, t2, ctx.now_ms()))
+    }
+
+    fn at(mut h: Vec<Event>, times: &[u64]) -> Vec<Event> {
+        for (e, t) in h.iter_mut().zip(times) {
+            e.at_ms = *t;
+        }
+        h
+    }
+
+    #[test]
+    fn workflow_time_is_the_time_of_each_step_in_replay_too() {
+        let mut r = registry();
+        r.workflow("timed", timed).unwrap();
+        let h = HistoryBuilder::default()
+            .started("timed", "ab")
+            .scheduled(0, "upper", "ab")
+            .completed(0, "AB")
+            .push(EventKind::TimerStarted {
+                seq: 1,
+                fire_at_ms: 60_300,
+            })
+            .push(EventKind::TimerFired { seq: 1 })
+            .scheduled(2, "count", "AB")
+            .completed(2, 2usize)
+            .build();
+        let h = at(h, &[100, 100, 300, 300, 60_310, 60_310, 60_500]);
+        let mut exec = execution(&r, "timed");
+        let cmds = replay(&mut exec, &h).unwrap();
+        let out = cmds.iter().find_map(|c| match c {
+            Command::CompleteWorkflow { output } => {
+                Some(output.decode::<(u64, u64, u64)>().unwrap())
+            }
+            _ => None,
+        });
+        // Each value is the time of the event that woke the code, not the last event's.
+        assert_eq!(out, Some((300, 60_310, 60_500)));
+    }
+
+    #[test]
+    fn a_sleeping_workflow_waits_for_its_timer() {
+        let mut r = registry();
+        r.workflow("timed", timed).unwrap();
+        let h = HistoryBuilder::default()
+            .started("timed", "ab")
+            .scheduled(0, "upper", "ab")
+            .completed(0, "AB")
+            .build();
+        let mut exec = execution(&r, "timed");
+        let cmds = replay(&mut exec, &h).unwrap();
+        assert!(
+            matches!(
+                cmds[..],
+                [Command::StartTimer {
+                    seq: 1,
+                    duration_ms: 60_000
+                }]
+            ),
+            "{cmds:?}"
+        );
+        // Recorded but not fired: nothing new.
+        let h = HistoryBuilder::default()
+            .started("timed", "ab")
+            .scheduled(0, "upper", "ab")
+            .completed(0, "AB")
+            .push(EventKind::TimerStarted {
+                seq: 1,
+                fire_at_ms: 61_000,
+            })
+            .build();
+        let mut exec = execution(&r, "timed");
+        assert!(replay(&mut exec, &h).unwrap().is_empty());
+        // A timer where the journal has an activity is a non-determinism error.
+        let h = HistoryBuilder::default()
+            .started("timed", "ab")
+            .scheduled(0, "upper", "ab")
+            .completed(0, "AB")
+            .scheduled(1, "count", "AB")
+            .build();
+        let mut exec = execution(&r, "timed");
+        let err = replay(&mut exec, &h).unwrap_err();
+        assert!(err.0.contains("timer"), "{err}");
     }
 
     #[test]

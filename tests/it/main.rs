@@ -5,3 +5,4 @@ mod crash;
 mod edge;
 mod harness_smoke;
 mod pipeline;
+mod runtime;

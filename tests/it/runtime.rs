@@ -1,0 +1,170 @@
+//! The runtime in-process with workflows of the test's own, against a real nats-server and
+//! a real redb journal: durable timers across an orchestrator restart, and the
+//! schedule-to-close deadline of an activity no worker serves.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use baton_actors::{
+    ActivityDef, ActivityOptions, Registry, RetryPolicy, WorkflowContext, WorkflowError,
+    node::{NodeOptions, Orchestrator},
+    worker::{PoolOptions, start_pool},
+};
+use baton_tests::{Client, NatsServer};
+use baton_transport::{jetstream::Streams, wire::ResultReply};
+use serde_json::json;
+
+use crate::cluster::{WAIT, events, of_type};
+
+const ECHO: ActivityDef<String, String> = ActivityDef::new("echo");
+const UNSERVED: ActivityDef<String, String> = ActivityDef::new("unserved");
+
+/// Sleeps on a durable timer between two activities; returns how long it slept by
+/// workflow time.
+async fn nap(ctx: WorkflowContext, ms: u64) -> Result<u64, WorkflowError> {
+    ctx.activity(&ECHO, &"before".to_string()).await?;
+    let t0 = ctx.now_ms();
+    ctx.sleep(Duration::from_millis(ms)).await;
+    let slept = ctx.now_ms() - t0;
+    ctx.activity(&ECHO, &"after".to_string()).await?;
+    Ok(slept)
+}
+
+/// Calls an activity on a queue no worker serves; handles its deadline.
+async fn deadline(ctx: WorkflowContext, _: ()) -> Result<String, WorkflowError> {
+    match ctx.activity(&UNSERVED, &"x".to_string()).await {
+        Ok(_) => Ok("served?".into()),
+        Err(e) => Ok(format!("fallback after {}", e.kind)),
+    }
+}
+
+fn registry() -> Registry {
+    let retry = RetryPolicy::exponential(Duration::from_millis(200), 2.0, 5);
+    let mut r = Registry::new();
+    r.workflow("nap", nap).unwrap();
+    r.workflow("deadline", deadline).unwrap();
+    r.activity(
+        &ECHO,
+        ActivityOptions::new("rt-cpu", Duration::from_secs(10), retry.clone()),
+        |_, s: String| async move { Ok(s) },
+    )
+    .unwrap();
+    r.activity(
+        &UNSERVED,
+        ActivityOptions::new("nobody", Duration::from_secs(10), retry)
+            .schedule_to_close(Duration::from_millis(1500)),
+        |_, s: String| async move { Ok(s) },
+    )
+    .unwrap();
+    r
+}
+
+async fn orchestrator(client: &async_nats::Client, dir: &Path) -> Orchestrator {
+    // The previous node of this process may still be releasing the journal file.
+    for _ in 0..100 {
+        match Orchestrator::start(
+            client.clone(),
+            registry(),
+            NodeOptions {
+                data_dir: dir.to_path_buf(),
+            },
+        )
+        .await
+        {
+            Ok(o) => return o,
+            Err(e) => {
+                eprintln!("orchestrator not started yet: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    panic!("the orchestrator did not start");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn durable_timers_fire_after_an_orchestrator_restart() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let nc = nats.connect().await?;
+    let dir = tempfile::tempdir()?;
+    let streams = Streams::ensure(&nc).await?;
+    let pool = start_pool(
+        streams,
+        Arc::new(registry()),
+        PoolOptions {
+            queue: "rt-cpu".into(),
+            concurrency: 4,
+            worker_id: "rt-worker".into(),
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let client = Client::new(nc.clone());
+
+    let node = orchestrator(&nc, dir.path()).await;
+    client
+        .start("nap", Some("nap-1"), json!(2000))
+        .await?
+        .into_result()
+        .unwrap();
+    // Wait until the timer is journaled, then stop the node mid-sleep.
+    let deadline = std::time::Instant::now() + WAIT;
+    while of_type(&events(&client, "nap-1").await?, "timer_started").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "timer never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await;
+    let node = orchestrator(&nc, dir.path()).await;
+    assert_eq!(node.recovered(), 1);
+
+    let slept = match client.wait_result("nap-1", WAIT).await? {
+        ResultReply::Completed { output } => output.as_u64().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert!(slept >= 2000, "woke after {slept} ms of a 2000 ms sleep");
+    let evs = events(&client, "nap-1").await?;
+    assert_eq!(of_type(&evs, "timer_started").len(), 1);
+    assert_eq!(of_type(&evs, "timer_fired").len(), 1);
+    let fire_at = of_type(&evs, "timer_started")[0]["fire_at_ms"]
+        .as_u64()
+        .unwrap();
+    let fired = of_type(&evs, "timer_fired")[0]["at_ms"].as_u64().unwrap();
+    assert!(
+        fired >= fire_at,
+        "fired at {fired}, due at {fire_at}: never early"
+    );
+    node.stop().await;
+    pool.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schedule_to_close_fails_an_activity_no_worker_serves() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let nc = nats.connect().await?;
+    let dir = tempfile::tempdir()?;
+    let node = orchestrator(&nc, dir.path()).await;
+    let client = Client::new(nc.clone());
+    client
+        .start("deadline", Some("dl-1"), json!(null))
+        .await?
+        .into_result()
+        .unwrap();
+    match client.wait_result("dl-1", WAIT).await? {
+        ResultReply::Completed { output } => {
+            assert_eq!(output, "fallback after ScheduleToCloseTimeout")
+        }
+        other => panic!("{other:?}"),
+    }
+    let evs = events(&client, "dl-1").await?;
+    let failed = of_type(&evs, "activity_failed");
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["worker"], "orchestrator");
+    let scheduled_at = of_type(&evs, "activity_scheduled")[0]["at_ms"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        failed[0]["at_ms"].as_u64().unwrap() >= scheduled_at + 1500,
+        "not before the deadline"
+    );
+    node.stop().await;
+    Ok(())
+}
