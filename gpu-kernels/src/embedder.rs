@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 
 use ort::environment::Environment;
+use ort::ep::{CUDA, ExecutionProvider};
+use ort::session::builder::SessionBuilder;
 use ort::session::{Session, SessionInputValue};
 use ort::value::TensorRef;
 use tokenizers::{
@@ -13,7 +15,7 @@ use tokenizers::{
     TruncationStrategy,
 };
 
-use crate::{Error, mean_pool_normalize};
+use crate::{Compute, Error, mean_pool_normalize};
 
 /// Texts per inference call: [`Embedder::embed`] splits larger inputs into chunks of this size.
 const CHUNK: usize = 32;
@@ -37,6 +39,11 @@ pub struct EmbedderConfig {
     pub max_tokens: usize,
     /// Number of sessions in the pool: how many `embed` calls can run at once.
     pub sessions: usize,
+    /// Try ONNX Runtime's CUDA execution provider for the encoder. Only used when the loaded
+    /// library has it (the PyPI `onnxruntime` CPU wheel does not) and it registers; otherwise
+    /// the CPU provider runs the encoder, with a log line saying why. Never fails the load.
+    /// See [`Embedder::execution_provider`].
+    pub cuda: bool,
 }
 
 impl EmbedderConfig {
@@ -52,6 +59,7 @@ impl EmbedderConfig {
             intra_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_tokens: 256,
             sessions: 1,
+            cuda: false,
         }
     }
 }
@@ -69,6 +77,7 @@ pub struct Embedder {
     next: AtomicUsize,
     dim: usize,
     token_type_ids: bool,
+    on_cuda: bool,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -76,6 +85,7 @@ impl std::fmt::Debug for Embedder {
         f.debug_struct("Embedder")
             .field("sessions", &self.sessions.len())
             .field("dim", &self.dim)
+            .field("execution_provider", &self.execution_provider())
             .finish_non_exhaustive()
     }
 }
@@ -124,6 +134,67 @@ fn build_session(env: &Environment, model: &Path, intra_threads: usize) -> ort::
     Session::builder(env)?
         .with_intra_threads(intra_threads)?
         .commit_from_file(model)
+}
+
+/// Registers ONNX Runtime's CUDA execution provider on `builder` if the loaded library has
+/// it; false (logged) when it does not or registration fails.
+fn register_cuda(builder: &mut SessionBuilder) -> bool {
+    match CUDA::is_available() {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(
+                "this onnx runtime library has no CUDA execution provider (CPU build): \
+                 the encoder runs on the CPU"
+            );
+            return false;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list onnx runtime's execution providers: the encoder runs on the CPU");
+            return false;
+        }
+    }
+    match CUDA::default().register(builder) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "the CUDA execution provider did not register: the encoder runs on the CPU");
+            false
+        }
+    }
+}
+
+/// Builds one session on ONNX Runtime's CUDA execution provider; `Ok(None)` when the
+/// provider is unavailable or fails to register.
+fn build_cuda_session(
+    env: &Environment,
+    model: &Path,
+    intra_threads: usize,
+) -> ort::Result<Option<Session>> {
+    let mut builder = Session::builder(env)?.with_intra_threads(intra_threads)?;
+    if !register_cuda(&mut builder) {
+        return Ok(None);
+    }
+    builder.commit_from_file(model).map(Some)
+}
+
+/// One session, on the CUDA execution provider when `cuda` asks for it and it works (else on
+/// the CPU provider), and whether it is on CUDA.
+fn build_any_session(
+    env: &Environment,
+    model: &Path,
+    intra_threads: usize,
+    cuda: bool,
+) -> ort::Result<(Session, bool)> {
+    if cuda {
+        match build_cuda_session(env, model, intra_threads) {
+            Ok(Some(session)) => return Ok((session, true)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "creating a session on the CUDA execution provider failed: the encoder runs on the CPU"
+            ),
+        }
+    }
+    Ok((build_session(env, model, intra_threads)?, false))
 }
 
 fn tokenizer_err(e: impl std::fmt::Display) -> Error {
@@ -179,16 +250,38 @@ impl Embedder {
         let (tokenizer, counter) = load_tokenizers(&cfg.tokenizer_path, cfg.max_tokens)?;
         let env = environment(&cfg.ort_dylib_path)?;
 
-        let sessions = (0..cfg.sessions)
-            .map(|_| {
-                build_session(&env, &cfg.model_path, cfg.intra_threads).map_err(|source| {
-                    Error::Session {
-                        path: cfg.model_path.clone(),
-                        source,
-                    }
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let session_err = |source| Error::Session {
+            path: cfg.model_path.clone(),
+            source,
+        };
+        let mut sessions = Vec::with_capacity(cfg.sessions);
+        // Once a CUDA attempt has failed, the remaining sessions go straight to the CPU.
+        let mut cuda = cfg.cuda;
+        let mut any_cuda = false;
+        for _ in 0..cfg.sessions {
+            let (session, on_cuda) =
+                build_any_session(&env, &cfg.model_path, cfg.intra_threads, cuda)
+                    .map_err(session_err)?;
+            cuda &= on_cuda;
+            any_cuda |= on_cuda;
+            sessions.push(session);
+        }
+        // `cuda` is still true iff every session is on CUDA. If a later session fell back
+        // after earlier ones registered, rebuild the earlier ones on the CPU too, so that
+        // the pool is uniform (and `execution_provider` is true of every session).
+        let on_cuda = cuda;
+        if any_cuda && !on_cuda {
+            for session in &mut sessions {
+                *session =
+                    build_session(&env, &cfg.model_path, cfg.intra_threads).map_err(session_err)?;
+            }
+        }
+        if cfg.cuda {
+            tracing::info!(
+                execution_provider = if on_cuda { "cuda" } else { "cpu" },
+                "embedder sessions created"
+            );
+        }
 
         let first = &sessions[0];
         let has_input = |name: &str| first.inputs().iter().any(|i| i.name() == name);
@@ -218,7 +311,13 @@ impl Embedder {
             next: AtomicUsize::new(0),
             dim,
             token_type_ids,
+            on_cuda,
         })
+    }
+
+    /// The ONNX Runtime execution provider running the encoder: `"cuda"` or `"cpu"`.
+    pub fn execution_provider(&self) -> &'static str {
+        if self.on_cuda { "cuda" } else { "cpu" }
     }
 
     /// Length of the vectors [`embed`](Self::embed) returns (384 for all-MiniLM-L6-v2).
@@ -234,7 +333,18 @@ impl Embedder {
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error> {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(CHUNK) {
-            out.extend(self.embed_chunk(chunk)?);
+            out.extend(self.embed_chunk(chunk, None)?);
+        }
+        Ok(out)
+    }
+
+    /// [`embed`](Self::embed), with the pooling and normalisation run by `compute` (on the GPU
+    /// for [`Compute::Cuda`], whichever provider ran the encoder). Same results within float
+    /// rounding (1e-4).
+    pub fn embed_with(&self, texts: &[&str], compute: &Compute) -> Result<Vec<Vec<f32>>, Error> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(CHUNK) {
+            out.extend(self.embed_chunk(chunk, Some(compute))?);
         }
         Ok(out)
     }
@@ -249,7 +359,11 @@ impl Embedder {
             .len())
     }
 
-    fn embed_chunk(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error> {
+    fn embed_chunk(
+        &self,
+        texts: &[&str],
+        compute: Option<&Compute>,
+    ) -> Result<Vec<Vec<f32>>, Error> {
         let encodings = self
             .tokenizer
             .encode_batch_fast(texts.to_vec(), true)
@@ -298,7 +412,10 @@ impl Embedder {
                 &**out_shape
             )));
         }
-        Ok(mean_pool_normalize(hidden, &mask, batch, seq, self.dim))
+        match compute {
+            Some(compute) => compute.mean_pool_normalize(hidden, &mask, batch, seq, self.dim),
+            None => Ok(mean_pool_normalize(hidden, &mask, batch, seq, self.dim)),
+        }
     }
 
     /// A free session if there is one, else waits for one (round-robin start).
@@ -345,7 +462,7 @@ mod tests {
             cfg.ort_dylib_path,
             Path::new("/x/.baton/lib/libonnxruntime.so.1.31.1")
         );
-        assert_eq!((cfg.max_tokens, cfg.sessions), (256, 1));
+        assert_eq!((cfg.max_tokens, cfg.sessions, cfg.cuda), (256, 1, false));
         assert!(cfg.intra_threads >= 1);
     }
 }

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong loading or running the [`Embedder`](crate::Embedder).
+/// Everything that can go wrong loading or running the [`Embedder`](crate::Embedder) or
+/// the compute kernels ([`Gpu`](crate::Gpu), [`Compute`](crate::Compute)).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The ONNX Runtime shared library is not at the configured path.
@@ -43,6 +44,19 @@ pub enum Error {
     /// Running the model failed, or its output had an unexpected shape.
     #[error("inference error: {0}")]
     Inference(String),
+    /// No usable CUDA GPU: no driver library, no device, no NVRTC, or the driver failed to
+    /// open it. The reason says which; the CPU twins remain available.
+    #[error("no usable GPU: {0}")]
+    NoGpu(String),
+    /// NVRTC could not compile the CUDA kernels (the message carries NVRTC's log).
+    #[error("could not compile the CUDA kernels: {0}")]
+    KernelCompile(String),
+    /// A CUDA driver call (allocation, copy, launch, module load) failed.
+    #[error("CUDA error: {0}")]
+    Gpu(String),
+    /// The arguments of a kernel call do not fit together (lengths, dimensions, indices).
+    #[error("invalid kernel arguments: {0}")]
+    Shape(String),
 }
 
 impl From<ort::Error> for Error {

@@ -1,6 +1,8 @@
-//! Pure numeric kernels: masked mean pooling with L2 normalisation, and cosine similarity.
+//! Pure numeric kernels: masked mean pooling with L2 normalisation, cosine similarity and
+//! batched cosine top-k.
 //!
-//! [`mean_pool_normalize`] is the CPU twin of a later CUDA kernel: both must agree.
+//! [`mean_pool_normalize`] and [`cosine_topk_cpu`] are the CPU twins of CUDA kernels
+//! ([`Gpu`](crate::Gpu)): both must agree.
 
 /// Masked mean pooling over the sequence axis, then L2 normalisation of each row.
 ///
@@ -72,6 +74,58 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     } else {
         dot / (na.sqrt() * nb.sqrt())
     }
+}
+
+/// The ranking key of a similarity: NaN ranks below every number.
+fn rank_key(s: f32) -> f32 {
+    if s.is_nan() { f32::NEG_INFINITY } else { s }
+}
+
+/// Batched cosine similarity with top-k: for each query row, the `k` corpus rows most similar
+/// to it as `(corpus index, cosine)`, most similar first; ties (equal cosines, `-0.0 == 0.0`)
+/// go to the lower index, and a NaN cosine ranks below every number. `k` is clamped to the
+/// corpus size. The cosine is [`cosine`]'s (0 against a zero vector).
+///
+/// `queries` is `q × dim` and `corpus` `n × dim`, row-major.
+///
+/// # Panics
+/// If `dim == 0` or either slice's length is not a multiple of `dim`.
+pub fn cosine_topk_cpu(
+    queries: &[f32],
+    corpus: &[f32],
+    dim: usize,
+    k: usize,
+) -> Vec<Vec<(usize, f32)>> {
+    assert!(dim > 0, "dim must be at least 1");
+    assert_eq!(queries.len() % dim, 0, "queries is not q × dim");
+    assert_eq!(corpus.len() % dim, 0, "corpus is not n × dim");
+    let n = corpus.len() / dim;
+    let k = k.min(n);
+    let order = |a: &(usize, f32), b: &(usize, f32)| {
+        rank_key(b.1)
+            .partial_cmp(&rank_key(a.1))
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.0.cmp(&b.0))
+    };
+    queries
+        .chunks_exact(dim)
+        .map(|q| {
+            if k == 0 {
+                return Vec::new();
+            }
+            let mut sims: Vec<(usize, f32)> = corpus
+                .chunks_exact(dim)
+                .map(|c| cosine(q, c))
+                .enumerate()
+                .collect();
+            if k < n {
+                sims.select_nth_unstable_by(k - 1, order);
+                sims.truncate(k);
+            }
+            sims.sort_unstable_by(order);
+            sims
+        })
+        .collect()
 }
 
 #[cfg(test)]

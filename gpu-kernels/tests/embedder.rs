@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use baton_gpu_kernels::{Embedder, EmbedderConfig, Error, cosine};
+use baton_gpu_kernels::{Compute, Embedder, EmbedderConfig, Error, cosine};
 
 /// One embedder for the whole test binary (loading it takes a while). Two sessions, so
 /// the concurrency test exercises the pool.
@@ -182,4 +182,39 @@ fn missing_files_are_clean_errors() {
         Embedder::load(&cfg).unwrap_err(),
         Error::Config(_)
     ));
+}
+
+#[test]
+fn pooling_on_the_best_backend_matches_the_cpu() {
+    let compute = Compute::best();
+    let texts = ["a happy dog", "a joyful puppy runs in the park", ""];
+    let emb = embedder();
+    let cpu = emb.embed(&texts).unwrap();
+    let got = emb.embed_with(&texts, &compute).unwrap();
+    assert_eq!(got.len(), cpu.len());
+    for (g, c) in got.iter().zip(&cpu) {
+        let d = g
+            .iter()
+            .zip(c)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d <= 1e-4, "{}: max abs diff {d}", compute.name());
+    }
+    assert_eq!(emb.embed_with(&[], &compute).unwrap().len(), 0);
+}
+
+#[test]
+fn asking_for_cuda_never_fails_the_load() {
+    let cfg = EmbedderConfig {
+        cuda: true,
+        ..common::config(1)
+    };
+    let emb = Embedder::load(&cfg).expect("cuda: true loads, on CUDA or on the CPU");
+    println!("execution provider: {}", emb.execution_provider());
+    // The PyPI CPU wheel has no CUDA execution provider.
+    assert!(["cuda", "cpu"].contains(&emb.execution_provider()));
+    let v = emb.embed(&["still works"]).unwrap();
+    let reference = embedder().embed(&["still works"]).unwrap();
+    assert!(cosine(&v[0], &reference[0]) > 0.9999);
+    assert_eq!(embedder().execution_provider(), "cpu");
 }
