@@ -170,3 +170,151 @@ impl Event {
         v
     }
 }
+
+impl Event {
+    /// Reads an event back from its JSON form ([`Event::to_json`], what `baton history
+    /// --json` and `baton.api.history` show), for replaying recorded histories. Payloads are
+    /// re-encoded from their JSON; activity options keep what the JSON shows (queue,
+    /// timeouts, maximum attempts).
+    pub fn from_json(v: &serde_json::Value) -> Result<Event, String> {
+        use crate::options::{ActivityOptions, RetryPolicy};
+        let u64_of = |k: &str| {
+            v[k].as_u64()
+                .ok_or_else(|| format!("event field {k:?} missing or not a number: {v}"))
+        };
+        let u32_of = |k: &str| u64_of(k).map(|n| n as u32);
+        let str_of = |k: &str| {
+            v[k].as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("event field {k:?} missing: {v}"))
+        };
+        let payload = |k: &str| Payload::encode(&v[k]).map_err(|e| e.to_string());
+        let failure = || -> Result<Failure, String> {
+            serde_json::from_value(v["failure"].clone()).map_err(|e| format!("failure: {e}"))
+        };
+        let kind = match v["type"].as_str().unwrap_or_default() {
+            "workflow_started" => EventKind::WorkflowStarted {
+                workflow_type: str_of("workflow_type")?,
+                workflow_id: str_of("workflow_id")?,
+                input: payload("input")?,
+            },
+            "activity_scheduled" => {
+                let mut options = ActivityOptions::new(
+                    &str_of("queue")?,
+                    std::time::Duration::from_millis(u64_of("start_to_close_ms")?),
+                    RetryPolicy::exponential(
+                        std::time::Duration::from_secs(1),
+                        2.0,
+                        v["maximum_attempts"].as_u64().unwrap_or(0) as u32,
+                    ),
+                );
+                options.heartbeat_timeout_ms = v["heartbeat_timeout_ms"].as_u64();
+                EventKind::ActivityScheduled {
+                    seq: u32_of("seq")?,
+                    activity: str_of("activity")?,
+                    input: payload("input")?,
+                    options,
+                }
+            }
+            "activity_completed" => EventKind::ActivityCompleted {
+                seq: u32_of("seq")?,
+                attempt: u32_of("attempt")?,
+                worker: str_of("worker")?,
+                result: payload("result")?,
+            },
+            "activity_failed" => EventKind::ActivityFailed {
+                seq: u32_of("seq")?,
+                attempt: u32_of("attempt")?,
+                worker: str_of("worker")?,
+                failure: failure()?,
+                retry_in_ms: v["retry_in_ms"].as_u64(),
+            },
+            "timer_started" => EventKind::TimerStarted {
+                seq: u32_of("seq")?,
+                fire_at_ms: u64_of("fire_at_ms")?,
+            },
+            "timer_fired" => EventKind::TimerFired {
+                seq: u32_of("seq")?,
+            },
+            "workflow_completed" => EventKind::WorkflowCompleted {
+                output: payload("output")?,
+            },
+            "workflow_failed" => EventKind::WorkflowFailed {
+                failure: failure()?,
+            },
+            other => return Err(format!("unknown event type {other:?}")),
+        };
+        Ok(Event {
+            id: u32_of("event_id")?,
+            at_ms: u64_of("at_ms")?,
+            kind,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::{ActivityOptions, RetryPolicy};
+    use std::time::Duration;
+
+    #[test]
+    fn events_round_trip_through_json() {
+        let opts = ActivityOptions::new(
+            "gpu",
+            Duration::from_secs(120),
+            RetryPolicy::exponential(Duration::from_secs(1), 2.0, 2),
+        )
+        .heartbeat_timeout(Duration::from_secs(30));
+        let f = Failure {
+            kind: "Boom".into(),
+            message: "m".into(),
+            retryable: true,
+        };
+        let kinds = vec![
+            EventKind::WorkflowStarted {
+                workflow_type: "t".into(),
+                workflow_id: "w".into(),
+                input: Payload::encode(&serde_json::json!({"text": "hi"})).unwrap(),
+            },
+            EventKind::ActivityScheduled {
+                seq: 0,
+                activity: "a".into(),
+                input: Payload::encode("hi").unwrap(),
+                options: opts,
+            },
+            EventKind::ActivityFailed {
+                seq: 0,
+                attempt: 1,
+                worker: "w1".into(),
+                failure: f.clone(),
+                retry_in_ms: Some(2000),
+            },
+            EventKind::ActivityCompleted {
+                seq: 0,
+                attempt: 2,
+                worker: "w1".into(),
+                result: Payload::encode(&vec![0.5f64, 0.25]).unwrap(),
+            },
+            EventKind::TimerStarted {
+                seq: 1,
+                fire_at_ms: 99,
+            },
+            EventKind::TimerFired { seq: 1 },
+            EventKind::WorkflowFailed { failure: f },
+        ];
+        for (i, kind) in kinds.into_iter().enumerate() {
+            let e = Event {
+                id: i as u32 + 1,
+                at_ms: 10 + i as u64,
+                kind,
+            };
+            let back = Event::from_json(&e.to_json()).unwrap();
+            assert_eq!(back.to_json(), e.to_json());
+        }
+        assert!(
+            Event::from_json(&serde_json::json!({"type": "nope", "event_id": 1, "at_ms": 1}))
+                .is_err()
+        );
+    }
+}

@@ -32,10 +32,12 @@ const TIMER: &str = "@timer";
 
 fn describe(c: &Command) -> String {
     match c {
-        Command::ScheduleActivity { seq, activity, .. } => format!("seq {seq} {activity:?}"),
-        Command::StartTimer { seq, .. } => format!("seq {seq} a timer"),
-        Command::CompleteWorkflow { .. } => "its completion".into(),
-        Command::FailWorkflow { .. } => "its failure".into(),
+        Command::ScheduleActivity { seq, activity, .. } => {
+            format!("schedules seq {seq} {activity:?}")
+        }
+        Command::StartTimer { seq, .. } => format!("starts a timer at seq {seq}"),
+        Command::CompleteWorkflow { .. } => "returns".into(),
+        Command::FailWorkflow { .. } => "fails".into(),
     }
 }
 
@@ -112,7 +114,7 @@ impl Execution {
                     Some(Command::StartTimer { seq: s, .. }) if s == seq && name == TIMER => {}
                     Some(other) => {
                         return Err(Nondeterminism(format!(
-                            "event {}: the journal has seq {seq} {name:?} but the code issued {}",
+                            "event {}: the journal has seq {seq} {name:?} but the code {}",
                             event.id,
                             describe(&other)
                         )));
@@ -126,18 +128,51 @@ impl Execution {
                 }
             }
             if event.kind.is_close() {
-                match expected.pop_front() {
-                    Some(Command::CompleteWorkflow { .. } | Command::FailWorkflow { .. }) => {}
-                    other => {
+                match (expected.pop_front(), &event.kind) {
+                    (
+                        Some(Command::CompleteWorkflow { output }),
+                        EventKind::WorkflowCompleted { output: recorded },
+                    ) => {
+                        if output.to_json() != recorded.to_json() {
+                            return Err(Nondeterminism(format!(
+                                "event {}: the journal's output is {} but the code returns {}",
+                                event.id,
+                                recorded.to_json(),
+                                output.to_json()
+                            )));
+                        }
+                    }
+                    (
+                        Some(Command::FailWorkflow { failure }),
+                        EventKind::WorkflowFailed { failure: recorded },
+                    ) => {
+                        if failure.kind != recorded.kind {
+                            return Err(Nondeterminism(format!(
+                                "event {}: the journal's failure is {:?} but the code fails with {:?}",
+                                event.id, recorded.kind, failure.kind
+                            )));
+                        }
+                    }
+                    (other, _)
+                        if matches!(
+                            other,
+                            Some(Command::CompleteWorkflow { .. } | Command::FailWorkflow { .. })
+                        ) =>
+                    {
+                        return Err(Nondeterminism(format!(
+                            "event {}: the journal closed the run as {} but the code {}",
+                            event.id,
+                            event.kind.name(),
+                            other.as_ref().map_or(String::new(), describe)
+                        )));
+                    }
+                    (other, _) => {
                         return Err(Nondeterminism(format!(
                             "event {}: the journal says the workflow closed but the code {}",
                             event.id,
                             other
                                 .as_ref()
-                                .map_or("has not returned".to_string(), |c| format!(
-                                    "issued {}",
-                                    describe(c)
-                                ))
+                                .map_or("has not returned".to_string(), describe)
                         )));
                     }
                 }

@@ -2,3 +2,4 @@
 //! `baton` binary registers, runs and serves.
 
 pub mod pipelines;
+pub mod replay_check;
