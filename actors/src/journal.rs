@@ -19,6 +19,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use baton_transport::wire::{IdConflictPolicy, IdReusePolicy};
+
 use crate::history::{Event, EventKind};
 
 const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
@@ -103,6 +105,34 @@ pub enum StartOutcome {
     Started,
     /// The workflow ID already has this run; nothing was written.
     Duplicate(RunRecord),
+    /// The ID's run is running and the conflict policy is `fail`; nothing was written.
+    AlreadyRunning(RunRecord),
+}
+
+/// How a start treats an ID that already has a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdPolicies {
+    /// When the ID's last run is closed.
+    pub reuse: IdReusePolicy,
+    /// When the ID's run is running.
+    pub conflict: IdConflictPolicy,
+}
+
+impl IdPolicies {
+    /// Whether a start may create a new run given the ID's current run, else the outcome.
+    fn decide(self, existing: RunRecord) -> Result<(), StartOutcome> {
+        match existing.status {
+            RunStatus::Running => match self.conflict {
+                IdConflictPolicy::UseExisting => Err(StartOutcome::Duplicate(existing)),
+                IdConflictPolicy::Fail => Err(StartOutcome::AlreadyRunning(existing)),
+            },
+            closed => match self.reuse {
+                IdReusePolicy::AllowDuplicate => Ok(()),
+                IdReusePolicy::AllowDuplicateFailedOnly if closed == RunStatus::Failed => Ok(()),
+                _ => Err(StartOutcome::Duplicate(existing)),
+            },
+        }
+    }
 }
 
 /// What the JetStream mirror carries per append.
@@ -120,6 +150,7 @@ enum Request {
     Start {
         record: Box<RunRecord>,
         event: Box<Event>,
+        policies: IdPolicies,
         reply: oneshot::Sender<Result<StartOutcome, Error>>,
     },
     Append {
@@ -167,13 +198,25 @@ impl Journal {
         Ok(journal)
     }
 
-    /// Creates a run unless its workflow ID already has one (compare-and-set).
+    /// Creates a run unless its workflow ID already has one (compare-and-set), with the
+    /// default policies: a closed ID is not reused, a running one is answered as duplicate.
     pub async fn start(&self, record: RunRecord, event: Event) -> Result<StartOutcome, Error> {
+        self.start_with(record, event, IdPolicies::default()).await
+    }
+
+    /// Creates a run, deciding on an ID that already has one by `policies`, atomically.
+    pub async fn start_with(
+        &self,
+        record: RunRecord,
+        event: Event,
+        policies: IdPolicies,
+    ) -> Result<StartOutcome, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Start {
                 record: Box::new(record),
                 event: Box::new(event),
+                policies,
                 reply,
             })
             .await
@@ -463,8 +506,8 @@ fn read_run(
 enum Outcome {
     /// Written; the run belongs to this workflow ID.
     Written(String),
-    /// A start whose workflow ID already has this run; nothing written.
-    Duplicate(RunRecord),
+    /// A start whose workflow ID already has a run it may not replace; nothing written.
+    Existing(StartOutcome),
     /// Refused (the rest of the group still commits).
     Refused(Error),
 }
@@ -483,20 +526,32 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
             let mut open = txn.open_table(OPEN).map_err(storage)?;
             for req in &group {
                 match req {
-                    Request::Start { record, event, .. } => {
+                    Request::Start {
+                        record,
+                        event,
+                        policies,
+                        ..
+                    } => {
                         let existing = ids
                             .get(record.workflow_id.as_str())
                             .map_err(storage)?
                             .map(|v| v.value().to_string());
                         if let Some(existing) = existing {
                             match read_run(&runs, &existing)? {
-                                Some(r) => outcomes.push(Outcome::Duplicate(r)),
-                                None => outcomes.push(Outcome::Refused(Error::Corrupt(format!(
-                                    "id {} names missing run {existing}",
-                                    record.workflow_id
-                                )))),
+                                Some(r) => {
+                                    if let Err(outcome) = policies.decide(r) {
+                                        outcomes.push(Outcome::Existing(outcome));
+                                        continue;
+                                    }
+                                }
+                                None => {
+                                    outcomes.push(Outcome::Refused(Error::Corrupt(format!(
+                                        "id {} names missing run {existing}",
+                                        record.workflow_id
+                                    ))));
+                                    continue;
+                                }
                             }
-                            continue;
                         }
                         ids.insert(record.workflow_id.as_str(), record.run_id.as_str())
                             .map_err(storage)?;
@@ -588,7 +643,7 @@ fn answer(group: Vec<Request>, outcomes: Vec<Outcome>, mirrored: Result<(), Erro
             Request::Start { reply, .. } => {
                 let r = match outcome {
                     Outcome::Written(_) => mirrored.clone().map(|_| StartOutcome::Started),
-                    Outcome::Duplicate(existing) => Ok(StartOutcome::Duplicate(existing)),
+                    Outcome::Existing(outcome) => Ok(outcome),
                     Outcome::Refused(e) => Err(e),
                 };
                 let _ = reply.send(r);
@@ -596,7 +651,7 @@ fn answer(group: Vec<Request>, outcomes: Vec<Outcome>, mirrored: Result<(), Erro
             Request::Append { reply, .. } => {
                 let r = match outcome {
                     Outcome::Written(_) => mirrored.clone(),
-                    Outcome::Duplicate(_) => {
+                    Outcome::Existing(_) => {
                         Err(Error::Invalid("append answered as a start".into()))
                     }
                     Outcome::Refused(e) => Err(e),
@@ -660,6 +715,82 @@ mod tests {
                 assert_eq!(existing.run_id, run.run_id);
             }
         }
+    }
+
+    #[tokio::test]
+    async fn id_reuse_and_conflict_policies() {
+        use baton_transport::wire::{IdConflictPolicy as C, IdReusePolicy as R};
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.redb"), None).unwrap();
+        let pol = |reuse, conflict| IdPolicies { reuse, conflict };
+        let close = |failed: bool| Event {
+            id: 2,
+            at_ms: 2,
+            kind: if failed {
+                EventKind::WorkflowFailed {
+                    failure: baton_transport::wire::Failure {
+                        kind: "x".into(),
+                        message: "x".into(),
+                        retryable: false,
+                    },
+                }
+            } else {
+                EventKind::WorkflowCompleted {
+                    output: Payload::encode(&1).unwrap(),
+                }
+            },
+        };
+        assert_eq!(
+            j.start(record("w", "r1"), started("w")).await.unwrap(),
+            StartOutcome::Started
+        );
+        // Running: use existing, or fail.
+        assert!(
+            matches!(j.start_with(record("w", "r2"), started("w"), pol(R::AllowDuplicate, C::UseExisting)).await.unwrap(), StartOutcome::Duplicate(r) if r.run_id == "r1")
+        );
+        assert!(
+            matches!(j.start_with(record("w", "r2"), started("w"), pol(R::AllowDuplicate, C::Fail)).await.unwrap(), StartOutcome::AlreadyRunning(r) if r.run_id == "r1")
+        );
+        // Failed: reused only by the policies that allow it.
+        j.append("r1", vec![close(true)]).await.unwrap();
+        assert!(
+            matches!(j.start(record("w", "r2"), started("w")).await.unwrap(), StartOutcome::Duplicate(r) if r.run_id == "r1")
+        );
+        assert_eq!(
+            j.start_with(
+                record("w", "r2"),
+                started("w"),
+                pol(R::AllowDuplicateFailedOnly, C::UseExisting)
+            )
+            .await
+            .unwrap(),
+            StartOutcome::Started
+        );
+        assert_eq!(
+            j.run_of("w").unwrap().unwrap().run_id,
+            "r2",
+            "the ID names its new run"
+        );
+        assert_eq!(
+            j.run("r1").unwrap().unwrap().status,
+            RunStatus::Failed,
+            "the old run is kept"
+        );
+        // Completed: not reused after failure only; reused by allow_duplicate.
+        j.append("r2", vec![close(false)]).await.unwrap();
+        assert!(
+            matches!(j.start_with(record("w", "r3"), started("w"), pol(R::AllowDuplicateFailedOnly, C::UseExisting)).await.unwrap(), StartOutcome::Duplicate(r) if r.run_id == "r2")
+        );
+        assert_eq!(
+            j.start_with(
+                record("w", "r3"),
+                started("w"),
+                pol(R::AllowDuplicate, C::UseExisting)
+            )
+            .await
+            .unwrap(),
+            StartOutcome::Started
+        );
     }
 
     #[tokio::test]

@@ -33,7 +33,7 @@ use crate::{
     Registry,
     execution::{ExecArgs, ExecMsg, Runtime, Supervisor, SupervisorMsg},
     history::{Event, EventKind},
-    journal::{self, Journal, RunRecord, RunStatus, StartOutcome},
+    journal::{self, IdPolicies, Journal, RunRecord, RunStatus, StartOutcome},
     now_ms,
 };
 
@@ -462,7 +462,15 @@ fn handle_start(
                 input,
             },
         };
-        match rt.journal.start(record.clone(), event.clone()).await {
+        let policies = IdPolicies {
+            reuse: request.id_reuse_policy.unwrap_or_default(),
+            conflict: request.id_conflict_policy.unwrap_or_default(),
+        };
+        match rt
+            .journal
+            .start_with(record.clone(), event.clone(), policies)
+            .await
+        {
             Ok(StartOutcome::Started) => {
                 let args = ExecArgs {
                     rt: rt.clone(),
@@ -490,6 +498,14 @@ fn handle_start(
                     run_id: existing.run_id,
                     status: StartStatus::Duplicate,
                 },
+            ),
+            Ok(StartOutcome::AlreadyRunning(existing)) => Reply::err(
+                format,
+                ErrorCode::AlreadyRunning,
+                format!(
+                    "workflow {workflow_id:?} is running (run {}); the start asked to fail in that case",
+                    existing.run_id
+                ),
             ),
             Err(e) => {
                 tracing::error!(error = %e, %workflow_id, "start not made durable");

@@ -66,6 +66,97 @@ async fn duplicate_starts_never_run_twice() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn id_reuse_and_conflict_policies_at_the_edge() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let start = |id: &'static str,
+                 text: &'static str,
+                 reuse: &'static str,
+                 conflict: &'static str| {
+        let body = json!({"workflow_id": id, "input": {"text": text}, "id_reuse_policy": reuse, "id_conflict_policy": conflict});
+        c.client.start_raw(
+            "baton.start.prepare_and_infer",
+            json_headers(),
+            serde_json::to_vec(&body).unwrap(),
+        )
+    };
+    // A failed run (empty text) may be retried under allow_duplicate_failed_only.
+    let first = start("reuse-1", " ", "reject_duplicate", "use_existing").await?;
+    assert_eq!(first["status"], "started", "{first}");
+    assert!(matches!(
+        c.client.wait_result("reuse-1", WAIT).await?,
+        ResultReply::Failed { .. }
+    ));
+    let again = start(
+        "reuse-1",
+        "now with text",
+        "reject_duplicate",
+        "use_existing",
+    )
+    .await?;
+    assert_eq!(
+        (again["status"].as_str(), again["run_id"].as_str()),
+        (Some("duplicate"), first["run_id"].as_str())
+    );
+    let retry = start(
+        "reuse-1",
+        "now with text",
+        "allow_duplicate_failed_only",
+        "use_existing",
+    )
+    .await?;
+    assert_eq!(retry["status"], "started", "{retry}");
+    assert_ne!(retry["run_id"], first["run_id"], "a new run");
+    assert!(matches!(
+        c.client.wait_result("reuse-1", WAIT).await?,
+        ResultReply::Completed { .. }
+    ));
+
+    // While a run is running (a batch that takes seconds), a start that asks to fail on
+    // conflict is refused, and one that uses the existing run gets it.
+    let slow =
+        json!({"workflow_id": "conflict-1", "input": {"texts": crate::cluster::long_texts(40)}});
+    let running = c
+        .client
+        .start_raw(
+            "baton.start.batch_embed",
+            json_headers(),
+            serde_json::to_vec(&slow)?,
+        )
+        .await?;
+    assert_eq!(running["status"], "started", "{running}");
+    let mut fail = slow.clone();
+    fail["id_conflict_policy"] = json!("fail");
+    let refused = c
+        .client
+        .start_raw(
+            "baton.start.batch_embed",
+            json_headers(),
+            serde_json::to_vec(&fail)?,
+        )
+        .await?;
+    assert_eq!(refused["error"]["code"], "already_running", "{refused}");
+    let existing = c
+        .client
+        .start_raw(
+            "baton.start.batch_embed",
+            json_headers(),
+            serde_json::to_vec(&slow)?,
+        )
+        .await?;
+    assert_eq!(
+        (existing["status"].as_str(), existing["run_id"].as_str()),
+        (Some("duplicate"), running["run_id"].as_str())
+    );
+    assert!(matches!(
+        c.client.wait_result("conflict-1", WAIT).await?,
+        ResultReply::Completed { .. }
+    ));
+    let bad = start("reuse-2", "x", "sometimes", "use_existing").await?;
+    assert_eq!(bad["error"]["code"], "bad_request", "{bad}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_clear_errors_and_crashes_nothing() -> anyhow::Result<()> {
     let mut c = Cluster::start().await?;
     let code = |v: &serde_json::Value| v["error"]["code"].as_str().unwrap_or("").to_string();

@@ -19,6 +19,36 @@ pub struct StartRequest {
     /// The workflow's input.
     #[serde(default)]
     pub input: serde_json::Value,
+    /// What a start does when the ID's last run is closed (default `reject_duplicate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_reuse_policy: Option<IdReusePolicy>,
+    /// What a start does when the ID's run is still running (default `use_existing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_conflict_policy: Option<IdConflictPolicy>,
+}
+
+/// Whether a closed workflow ID may start a new run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdReusePolicy {
+    /// Never: the start is answered `duplicate` with the closed run (the default).
+    #[default]
+    RejectDuplicate,
+    /// Only if the last run failed.
+    AllowDuplicateFailedOnly,
+    /// Always: a closed ID starts a new run.
+    AllowDuplicate,
+}
+
+/// What a start does when the ID's run is still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdConflictPolicy {
+    /// Answer `duplicate` with the running run (the default).
+    #[default]
+    UseExisting,
+    /// Refuse with the error `already_running`.
+    Fail,
 }
 
 /// Whether a start created a run or found an existing one.
@@ -56,6 +86,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// No workflow with that ID exists.
     NotFound,
+    /// The ID's run is still running and the start asked to fail in that case.
+    AlreadyRunning,
     /// The journal could not make the request durable (disk full, I/O error); nothing was
     /// acknowledged, the caller may retry.
     Unavailable,
