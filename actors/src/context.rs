@@ -77,7 +77,16 @@ pub(crate) struct Shared {
     pub(crate) commands: Vec<Command>,
     pub(crate) results: HashMap<u32, Result<Payload, Failure>>,
     pub(crate) wakers: HashMap<u32, Waker>,
+    /// Signals received and not yet taken, by name, in journal order.
+    pub(crate) signals: HashMap<String, std::collections::VecDeque<Payload>>,
+    /// Workflow code waiting for a signal of a name.
+    pub(crate) signal_wakers: HashMap<String, Vec<Waker>>,
+    /// Query handlers registered by the workflow code.
+    pub(crate) queries: HashMap<String, QueryHandler>,
 }
+
+/// A query handler: reads the workflow's state, changes nothing.
+pub(crate) type QueryHandler = Arc<dyn Fn() -> Result<Payload, String> + Send + Sync>;
 
 /// The workflow's window on the runtime. Cheap to clone.
 #[derive(Clone)]
@@ -112,6 +121,32 @@ impl WorkflowContext {
     /// recorded. Deterministic under replay, unlike the clock.
     pub fn now_ms(&self) -> u64 {
         self.shared.lock().expect("workflow context lock").now_ms
+    }
+
+    /// Waits for the next signal named `name` (signals are journaled when they arrive and
+    /// handed to the code in that order; one that arrives before anyone waits is kept).
+    pub fn signal<T: DeserializeOwned>(&self, name: &str) -> SignalFuture<T> {
+        SignalFuture {
+            shared: self.shared.clone(),
+            name: name.to_string(),
+            _out: PhantomData,
+        }
+    }
+
+    /// Answers queries named `name` with `handler`, which reads the workflow's state (shared
+    /// with the code, e.g. through an `Arc<Mutex<_>>`) and must not change it.
+    pub fn on_query<T: Serialize>(
+        &self,
+        name: &str,
+        handler: impl Fn() -> T + Send + Sync + 'static,
+    ) {
+        let handler: QueryHandler =
+            Arc::new(move || Payload::encode(&handler()).map_err(|e| e.to_string()));
+        self.shared
+            .lock()
+            .expect("workflow context lock")
+            .queries
+            .insert(name.to_string(), handler);
     }
 
     /// Sleeps on a durable timer: it survives restarts of the orchestrator and fires once
@@ -182,6 +217,36 @@ impl WorkflowContext {
             refused: Some(error),
             _out: PhantomData,
         }
+    }
+}
+
+/// Resolves to the next signal of a name once it is recorded in the journal.
+pub struct SignalFuture<T> {
+    shared: Arc<Mutex<Shared>>,
+    name: String,
+    _out: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> Future for SignalFuture<T> {
+    type Output = Result<T, ActivityError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut shared = self.shared.lock().expect("workflow context lock");
+        if let Some(payload) = shared
+            .signals
+            .get_mut(&self.name)
+            .and_then(|q| q.pop_front())
+        {
+            return Poll::Ready(payload.decode::<T>().map_err(|e| {
+                ActivityError::non_retryable("DecodeError", format!("signal {:?}: {e}", self.name))
+            }));
+        }
+        shared
+            .signal_wakers
+            .entry(self.name.clone())
+            .or_default()
+            .push(cx.waker().clone());
+        Poll::Pending
     }
 }
 

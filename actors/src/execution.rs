@@ -58,6 +58,17 @@ pub(crate) enum ExecMsg {
     Redispatch,
     /// A durable timer is due.
     TimerDue { seq: u32 },
+    /// A signal: answered once it is journaled.
+    Signal {
+        name: String,
+        input: Payload,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+    /// A query, answered from the workflow's state.
+    Query {
+        name: String,
+        reply: RpcReplyPort<Result<Payload, String>>,
+    },
     /// An activity's schedule-to-close deadline is due.
     Deadline { seq: u32 },
 }
@@ -266,6 +277,16 @@ impl Actor for ExecutionActor {
                 {
                     state.dispatch(&[seq], false).await?;
                 }
+            }
+            ExecMsg::Signal { name, input, reply } => {
+                let r = state
+                    .resolve(EventKind::SignalReceived { name, input }, &myself)
+                    .await;
+                let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                r?;
+            }
+            ExecMsg::Query { name, reply } => {
+                let _ = reply.send(state.exec.query(&name));
             }
             ExecMsg::TimerDue { seq } => {
                 if state.timers.remove(&seq).is_some() {

@@ -80,6 +80,13 @@ pub enum EventKind {
         /// Sequence number of the timer.
         seq: u32,
     },
+    /// A signal reached the run; the code waiting for it (or the next to wait) gets it.
+    SignalReceived {
+        /// The signal's name.
+        name: String,
+        /// Its payload.
+        input: Payload,
+    },
     /// The workflow returned a value; the run is closed.
     WorkflowCompleted {
         /// The output.
@@ -102,6 +109,7 @@ impl EventKind {
             EventKind::ActivityFailed { .. } => "activity_failed",
             EventKind::TimerStarted { .. } => "timer_started",
             EventKind::TimerFired { .. } => "timer_fired",
+            EventKind::SignalReceived { .. } => "signal_received",
             EventKind::WorkflowCompleted { .. } => "workflow_completed",
             EventKind::WorkflowFailed { .. } => "workflow_failed",
         }
@@ -160,6 +168,9 @@ impl Event {
                 json!({"seq": seq, "fire_at_ms": fire_at_ms})
             }
             EventKind::TimerFired { seq } => json!({"seq": seq}),
+            EventKind::SignalReceived { name, input } => {
+                json!({"name": name, "input": input.to_json()})
+            }
             EventKind::WorkflowCompleted { output } => json!({"output": output.to_json()}),
             EventKind::WorkflowFailed { failure } => json!({"failure": failure}),
         };
@@ -235,6 +246,10 @@ impl Event {
             },
             "timer_fired" => EventKind::TimerFired {
                 seq: u32_of("seq")?,
+            },
+            "signal_received" => EventKind::SignalReceived {
+                name: str_of("name")?,
+                input: payload("input")?,
             },
             "workflow_completed" => EventKind::WorkflowCompleted {
                 output: payload("output")?,

@@ -21,8 +21,9 @@ use baton_transport::{
     jetstream::Streams,
     subject,
     wire::{
-        ActivityReport, ErrorCode, ErrorReply, HistoryReply, ListReply, ListRequest, ResultReply,
-        ResultRequest, StartReply, StartRequest, StartStatus, WorkflowInfo, WorkflowRef,
+        ActivityReport, ErrorCode, ErrorReply, HistoryReply, ListReply, ListRequest, QueryReply,
+        QueryRequest, ResultReply, ResultRequest, SignalReply, SignalRequest, StartReply,
+        StartRequest, StartStatus, WorkflowInfo, WorkflowRef,
     },
 };
 use futures::StreamExt;
@@ -30,7 +31,7 @@ use ractor::{Actor, ActorRef};
 use tokio::{sync::broadcast, task::JoinHandle};
 
 use crate::{
-    Registry,
+    Execution, Registry,
     execution::{ExecArgs, ExecMsg, Runtime, Supervisor, SupervisorMsg},
     history::{Event, EventKind},
     journal::{self, IdPolicies, Journal, RunRecord, RunStatus, StartOutcome},
@@ -549,6 +550,14 @@ fn handle_api(
                 }),
                 Err(r) => r,
             },
+            subject::API_SIGNAL => match decode_edge::<SignalRequest>(&message) {
+                Ok((req, f)) => signal(&rt, req, f).await,
+                Err(r) => r,
+            },
+            subject::API_QUERY => match decode_edge::<QueryRequest>(&message) {
+                Ok((req, f)) => query(&rt, req, f).await,
+                Err(r) => r,
+            },
             subject::API_LIST => match decode_edge::<ListRequest>(&message) {
                 Ok((req, f)) => list(&rt, req, f),
                 Err(r) => r,
@@ -560,6 +569,136 @@ fn handle_api(
             ),
         }
     })
+}
+
+async fn signal(rt: &Runtime, req: SignalRequest, f: Format) -> Reply {
+    let run = match rt.journal.run_of(&req.workflow_id) {
+        Ok(Some(run)) => run,
+        Ok(None) => {
+            return Reply::err(
+                f,
+                ErrorCode::NotFound,
+                format!("no workflow {:?}", req.workflow_id),
+            );
+        }
+        Err(e) => return Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+    };
+    if run.status != RunStatus::Running {
+        return Reply::err(
+            f,
+            ErrorCode::WorkflowClosed,
+            format!(
+                "workflow {:?} is {}: it takes no signals",
+                req.workflow_id,
+                run.status.as_str()
+            ),
+        );
+    }
+    if let Err(e) = ids::validate_name("signal name", &req.name) {
+        return Reply::err(f, ErrorCode::BadRequest, e.to_string());
+    }
+    let input = match Payload::encode(&req.input) {
+        Ok(p) => p,
+        Err(e) => return Reply::err(f, ErrorCode::BadRequest, e.to_string()),
+    };
+    let Some(actor) = find_execution(rt, &run.run_id).await else {
+        return Reply::err(
+            f,
+            ErrorCode::Unavailable,
+            "the run is being restarted; retry the signal",
+        );
+    };
+    match ractor::call_t!(
+        actor,
+        |reply| ExecMsg::Signal {
+            name: req.name.clone(),
+            input,
+            reply
+        },
+        30_000
+    ) {
+        Ok(Ok(())) => Reply::ok(
+            f,
+            &SignalReply {
+                workflow_id: run.workflow_id,
+                run_id: run.run_id,
+            },
+        ),
+        Ok(Err(e)) => Reply::err(
+            f,
+            ErrorCode::Unavailable,
+            format!("the signal was not recorded: {e}"),
+        ),
+        Err(e) => Reply::err(
+            f,
+            ErrorCode::Unavailable,
+            format!("the signal was not recorded: {e}"),
+        ),
+    }
+}
+
+async fn query(rt: &Runtime, req: QueryRequest, f: Format) -> Reply {
+    let run = match rt.journal.run_of(&req.workflow_id) {
+        Ok(Some(run)) => run,
+        Ok(None) => {
+            return Reply::err(
+                f,
+                ErrorCode::NotFound,
+                format!("no workflow {:?}", req.workflow_id),
+            );
+        }
+        Err(e) => return Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+    };
+    let live = match run.status {
+        RunStatus::Running => find_execution(rt, &run.run_id).await,
+        _ => None,
+    };
+    let answer = match live {
+        Some(actor) => match ractor::call_t!(
+            actor,
+            |reply| ExecMsg::Query {
+                name: req.name.clone(),
+                reply
+            },
+            10_000
+        ) {
+            Ok(a) => a,
+            Err(e) => return Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+        },
+        // A closed run (or one not in memory) answers from its state rebuilt by replay.
+        None => {
+            let Some(def) = rt.registry.workflow_def(&run.workflow_type) else {
+                return Reply::err(
+                    f,
+                    ErrorCode::Internal,
+                    format!("workflow type {:?} is not registered", run.workflow_type),
+                );
+            };
+            let history = match rt.journal.history(&run.run_id) {
+                Ok(h) => h,
+                Err(e) => return Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+            };
+            let mut exec = Execution::new(
+                def.run.clone(),
+                &run.workflow_id,
+                &run.run_id,
+                rt.registry.policies().clone(),
+            );
+            if let Err(e) = exec.replay(&history) {
+                return Reply::err(f, ErrorCode::Internal, e.to_string());
+            }
+            exec.query(&req.name)
+        }
+    };
+    match answer {
+        Ok(payload) => Reply::ok(
+            f,
+            &QueryReply {
+                result: payload.to_json(),
+            },
+        ),
+        Err(e) => Reply::err(f, ErrorCode::UnknownQuery, e),
+    }
 }
 
 fn with_run(

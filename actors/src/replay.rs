@@ -187,6 +187,7 @@ impl Execution {
                         ..
                     }
                     | EventKind::TimerFired { .. }
+                    | EventKind::SignalReceived { .. }
             );
             if wakes {
                 expected.extend(self.advance()?);
@@ -228,11 +229,43 @@ impl Execution {
                 self.recorded.insert(*seq, TIMER.into());
             }
             EventKind::TimerFired { seq } => self.resolve(*seq, Ok(Payload::default())),
+            EventKind::SignalReceived { name, input } => {
+                let mut shared = self.ctx.shared.lock().expect("workflow context lock");
+                shared
+                    .signals
+                    .entry(name.clone())
+                    .or_default()
+                    .push_back(input.clone());
+                for w in shared.signal_wakers.remove(name).unwrap_or_default() {
+                    w.wake();
+                }
+            }
             EventKind::WorkflowCompleted { .. } | EventKind::WorkflowFailed { .. } => {
                 self.recorded_close = true
             }
         }
         Ok(())
+    }
+
+    /// Answers a query from the workflow's current state, with the handler its code
+    /// registered.
+    pub fn query(&self, name: &str) -> Result<Payload, String> {
+        let shared = self.ctx.shared.lock().expect("workflow context lock");
+        match shared.queries.get(name).cloned() {
+            Some(handler) => {
+                // Called without the context's lock: a handler may read the context.
+                drop(shared);
+                handler()
+            }
+            None => {
+                let mut known: Vec<&str> = shared.queries.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                Err(format!(
+                    "unknown query {name:?}; this workflow answers: [{}]",
+                    known.join(", ")
+                ))
+            }
+        }
     }
 
     fn resolve(&mut self, seq: u32, result: Result<Payload, Failure>) {
@@ -717,6 +750,63 @@ mod tests {
         let mut exec = execution(&r, "timed");
         let err = replay(&mut exec, &h).unwrap_err();
         assert!(err.0.contains("timer"), "{err}");
+    }
+
+    /// Adds the `add` signals until a `done` signal; answers the query `total`.
+    async fn counter(ctx: WorkflowContext, _: ()) -> Result<i64, WorkflowError> {
+        let total = std::sync::Arc::new(std::sync::Mutex::new(0i64));
+        let t = total.clone();
+        ctx.on_query("total", move || *t.lock().unwrap());
+        loop {
+            let n: i64 = ctx.signal("add").await?;
+            if n == 0 {
+                break;
+            }
+            *total.lock().unwrap() += n;
+        }
+        let v = *total.lock().unwrap();
+        Ok(v)
+    }
+
+    #[test]
+    fn signals_are_taken_in_journal_order_and_queries_read_state() {
+        let mut r = registry();
+        r.workflow("counter", counter).unwrap();
+        let sig = |n: i64| EventKind::SignalReceived {
+            name: "add".into(),
+            input: Payload::encode(&n).unwrap(),
+        };
+        let h = HistoryBuilder::default()
+            .push(EventKind::WorkflowStarted {
+                workflow_type: "counter".into(),
+                workflow_id: "wf-1".into(),
+                input: Payload::encode(&()).unwrap(),
+            })
+            .push(sig(2))
+            .push(sig(5))
+            .build();
+        let mut exec = execution(&r, "counter");
+        assert!(replay(&mut exec, &h).unwrap().is_empty(), "still waiting");
+        assert_eq!(exec.query("total").unwrap().decode::<i64>().unwrap(), 7);
+        assert!(
+            exec.query("nope").unwrap_err().contains("total"),
+            "the error lists the known queries"
+        );
+        // Live: a signal that ends the loop completes the workflow.
+        exec.apply(&Event {
+            id: 4,
+            at_ms: 5,
+            kind: sig(0),
+        })
+        .unwrap();
+        assert_eq!(output_i64(&exec.advance().unwrap()), Some(7));
+    }
+
+    fn output_i64(commands: &[Command]) -> Option<i64> {
+        commands.iter().find_map(|c| match c {
+            Command::CompleteWorkflow { output } => Some(output.decode().unwrap()),
+            _ => None,
+        })
     }
 
     #[test]

@@ -37,11 +37,28 @@ async fn deadline(ctx: WorkflowContext, _: ()) -> Result<String, WorkflowError> 
     }
 }
 
+/// Adds the `add` signals until one of 0; answers the query `total`.
+async fn counter(ctx: WorkflowContext, _: ()) -> Result<i64, WorkflowError> {
+    let total = Arc::new(std::sync::Mutex::new(0i64));
+    let t = total.clone();
+    ctx.on_query("total", move || *t.lock().unwrap());
+    loop {
+        let n: i64 = ctx.signal("add").await?;
+        if n == 0 {
+            break;
+        }
+        *total.lock().unwrap() += n;
+    }
+    let v = *total.lock().unwrap();
+    Ok(v)
+}
+
 fn registry() -> Registry {
     let retry = RetryPolicy::exponential(Duration::from_millis(200), 2.0, 5);
     let mut r = Registry::new();
     r.workflow("nap", nap).unwrap();
     r.workflow("deadline", deadline).unwrap();
+    r.workflow("counter", counter).unwrap();
     r.activity(
         &ECHO,
         ActivityOptions::new("rt-cpu", Duration::from_secs(10), retry.clone()),
@@ -164,6 +181,65 @@ async fn schedule_to_close_fails_an_activity_no_worker_serves() -> anyhow::Resul
     assert!(
         failed[0]["at_ms"].as_u64().unwrap() >= scheduled_at + 1500,
         "not before the deadline"
+    );
+    node.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signals_and_queries_survive_a_restart() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let nc = nats.connect().await?;
+    let dir = tempfile::tempdir()?;
+    let client = Client::new(nc.clone());
+    let node = orchestrator(&nc, dir.path()).await;
+    let signal = |n: i64| {
+        let c = client.clone();
+        async move {
+            let body = json!({"workflow_id": "count-1", "name": "add", "input": n});
+            c.request_json("baton.api.signal", &body, baton_tests::REQUEST_TIMEOUT).await
+        }
+    };
+    let query = |name: &'static str| {
+        let c = client.clone();
+        async move {
+            let body = json!({"workflow_id": "count-1", "name": name});
+            c.request_json("baton.api.query", &body, baton_tests::REQUEST_TIMEOUT).await
+        }
+    };
+
+    let missing = signal(1).await?;
+    assert_eq!(missing["error"]["code"], "not_found", "{missing}");
+    client
+        .start("counter", Some("count-1"), json!(null))
+        .await?
+        .into_result()
+        .unwrap();
+    for n in [3, 4] {
+        let r = signal(n).await?;
+        assert!(r["run_id"].is_string(), "{r}");
+    }
+    assert_eq!(query("total").await?["result"], 7);
+    let unknown = query("average").await?;
+    assert_eq!(unknown["error"]["code"], "unknown_query", "{unknown}");
+
+    // Signals are journaled: a restarted node has them.
+    node.stop().await;
+    let node = orchestrator(&nc, dir.path()).await;
+    assert_eq!(query("total").await?["result"], 7);
+    signal(5).await?;
+    signal(0).await?;
+    match client.wait_result("count-1", WAIT).await? {
+        ResultReply::Completed { output } => assert_eq!(output, 12),
+        other => panic!("{other:?}"),
+    }
+    // A closed run answers queries from its replayed state, and takes no more signals.
+    assert_eq!(query("total").await?["result"], 12);
+    let closed = signal(1).await?;
+    assert_eq!(closed["error"]["code"], "workflow_closed", "{closed}");
+    assert_eq!(
+        of_type(&events(&client, "count-1").await?, "signal_received").len(),
+        4
     );
     node.stop().await;
     Ok(())

@@ -4,6 +4,7 @@
 //! |---|---|---|---|
 //! | `baton.start.<workflow_type>` | core request/reply | clients | orchestrator |
 //! | `baton.api.<verb>` | core request/reply | clients | orchestrator |
+//! | `baton.api.search` | core request/reply | clients | the index owner (`baton worker --queue index`, `baton dev`) |
 //! | `baton.task.<queue>.<run_id>.<seq>.<attempt>` | JetStream `BATON_TASKS` | orchestrator | workers of `<queue>` |
 //! | `baton.report.<run_id>` | JetStream `BATON_REPORTS` | workers | orchestrator |
 //! | `baton.history.<run_id>` | JetStream `BATON_HISTORY` | orchestrator journal | readers, recovery |
@@ -18,8 +19,15 @@ pub const API_RESULT: &str = "baton.api.result";
 pub const API_DESCRIBE: &str = "baton.api.describe";
 /// API: the journal of one workflow.
 pub const API_HISTORY: &str = "baton.api.history";
+/// API: deliver a signal.
+pub const API_SIGNAL: &str = "baton.api.signal";
+/// API: query a workflow.
+pub const API_QUERY: &str = "baton.api.query";
 /// API: list workflows.
 pub const API_LIST: &str = "baton.api.list";
+/// API: search the document index. Served by the process that owns the vector index,
+/// not by the orchestrator (which leaves it unanswered).
+pub const API_SEARCH: &str = "baton.api.search";
 /// Wildcard the orchestrator subscribes to for API calls.
 pub const API_ALL: &str = "baton.api.*";
 

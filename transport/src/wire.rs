@@ -88,6 +88,10 @@ pub enum ErrorCode {
     NotFound,
     /// The ID's run is still running and the start asked to fail in that case.
     AlreadyRunning,
+    /// The workflow's run is closed: it takes no more signals.
+    WorkflowClosed,
+    /// The workflow answers no query of that name.
+    UnknownQuery,
     /// The journal could not make the request durable (disk full, I/O error); nothing was
     /// acknowledged, the caller may retry.
     Unavailable,
@@ -200,6 +204,45 @@ pub struct WorkflowInfo {
     /// Activities scheduled and not yet resolved: `{seq, activity, queue, attempt}`.
     #[serde(default)]
     pub pending_activities: Vec<serde_json::Value>,
+}
+
+/// `baton.api.signal`: delivers a signal to a running workflow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// The workflow ID.
+    pub workflow_id: String,
+    /// The signal's name.
+    pub name: String,
+    /// Its payload.
+    #[serde(default)]
+    pub input: serde_json::Value,
+}
+
+/// The reply to a signal: sent once the signal is journaled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalReply {
+    /// The workflow ID.
+    pub workflow_id: String,
+    /// The run that received it.
+    pub run_id: String,
+}
+
+/// `baton.api.query`: asks a workflow a question its code answers from its state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryRequest {
+    /// The workflow ID.
+    pub workflow_id: String,
+    /// The query's name.
+    pub name: String,
+}
+
+/// The reply to a query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryReply {
+    /// The answer.
+    pub result: serde_json::Value,
 }
 
 /// The reply to a history request: the journal, one JSON object per event.
