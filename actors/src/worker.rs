@@ -44,16 +44,124 @@ pub struct PoolOptions {
 
 /// Handle on a running pool.
 pub struct PoolHandle {
-    /// The pool actor.
-    pub actor: ActorRef<PoolMsg>,
+    /// The supervisor that keeps a pool actor running.
+    pub supervisor: ActorRef<SupervisorMsg>,
     join: tokio::task::JoinHandle<()>,
 }
 
 impl PoolHandle {
+    /// The pool actor running now (a new one after each restart).
+    pub async fn pool(&self) -> Option<ActorRef<PoolMsg>> {
+        ractor::call_t!(self.supervisor, SupervisorMsg::Current, 5_000)
+            .ok()
+            .flatten()
+    }
+
+    /// How many times the pool actor was restarted.
+    pub async fn restarts(&self) -> u64 {
+        ractor::call_t!(self.supervisor, SupervisorMsg::Restarts, 5_000).unwrap_or(0)
+    }
+
     /// Stops the pool (running activities are abandoned; their tasks are redelivered).
     pub async fn stop(self) {
-        self.actor.stop(None);
+        self.supervisor.stop(None);
         let _ = self.join.await;
+    }
+}
+
+/// Messages of a pool's supervisor.
+pub enum SupervisorMsg {
+    /// The pool actor running now.
+    Current(ractor::RpcReplyPort<Option<ActorRef<PoolMsg>>>),
+    /// How many restarts so far.
+    Restarts(ractor::RpcReplyPort<u64>),
+    /// Start a pool actor (at start-up, and after one died).
+    Spawn,
+}
+
+/// Keeps one pool actor running: a pool that panics or is killed is replaced. Its running
+/// tasks are not acked, so JetStream redelivers them to the new pool (or another worker).
+pub struct PoolSupervisor;
+
+/// The supervisor's state.
+pub struct PoolSupervisorState {
+    args: PoolArgs,
+    pool: Option<ActorRef<PoolMsg>>,
+    restarts: u64,
+}
+
+impl Actor for PoolSupervisor {
+    type Msg = SupervisorMsg;
+    type State = PoolSupervisorState;
+    type Arguments = PoolArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        args: PoolArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_message(SupervisorMsg::Spawn)?;
+        Ok(PoolSupervisorState {
+            args,
+            pool: None,
+            restarts: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Current(reply) => {
+                let _ = reply.send(state.pool.clone());
+            }
+            SupervisorMsg::Restarts(reply) => {
+                let _ = reply.send(state.restarts);
+            }
+            SupervisorMsg::Spawn => {
+                if state.pool.is_none() {
+                    match Actor::spawn_linked(None, Pool, state.args.clone(), myself.get_cell())
+                        .await
+                    {
+                        Ok((pool, _)) => state.pool = Some(pool),
+                        Err(e) => {
+                            tracing::error!(error = %e, queue = %state.args.options.queue, "pool did not start; retrying");
+                            myself.send_after(Duration::from_secs(1), || SupervisorMsg::Spawn);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        evt: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match evt {
+            SupervisionEvent::ActorFailed(cell, e) => (cell, format!("failed: {e}")),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, format!("stopped: {reason:?}"))
+            }
+            _ => return Ok(()),
+        };
+        if state
+            .pool
+            .as_ref()
+            .is_some_and(|p| p.get_id() == cell.get_id())
+        {
+            state.pool = None;
+            state.restarts += 1;
+            tracing::warn!(queue = %state.args.options.queue, restarts = state.restarts, %why, "pool actor died; restarting it");
+            myself.send_after(Duration::from_millis(100), || SupervisorMsg::Spawn);
+        }
+        Ok(())
     }
 }
 
@@ -71,8 +179,8 @@ pub async fn start_pool(
         registry,
         options,
     };
-    let (actor, join) = Actor::spawn(None, Pool, args).await?;
-    Ok(PoolHandle { actor, join })
+    let (supervisor, join) = Actor::spawn(None, PoolSupervisor, args).await?;
+    Ok(PoolHandle { supervisor, join })
 }
 
 /// Messages of a pool.
@@ -107,6 +215,7 @@ pub enum PoolMsg {
 }
 
 /// What a pool is started with.
+#[derive(Clone)]
 pub struct PoolArgs {
     streams: Streams,
     consumer: PullConsumer,

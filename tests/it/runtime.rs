@@ -17,6 +17,8 @@ use crate::cluster::{WAIT, events, of_type};
 
 const ECHO: ActivityDef<String, String> = ActivityDef::new("echo");
 const UNSERVED: ActivityDef<String, String> = ActivityDef::new("unserved");
+const PANICKY: ActivityDef<String, u32> = ActivityDef::new("panicky");
+const SLOW: ActivityDef<u64, u64> = ActivityDef::new("slow");
 
 /// Sleeps on a durable timer between two activities; returns how long it slept by
 /// workflow time.
@@ -53,12 +55,47 @@ async fn counter(ctx: WorkflowContext, _: ()) -> Result<i64, WorkflowError> {
     Ok(v)
 }
 
+/// One activity that panics on its first attempt, then one that takes a while.
+async fn rough(ctx: WorkflowContext, ms: u64) -> Result<(u32, u64), WorkflowError> {
+    let attempt = ctx.activity(&PANICKY, &"x".to_string()).await?;
+    let slept = ctx.activity(&SLOW, &ms).await?;
+    Ok((attempt, slept))
+}
+
 fn registry() -> Registry {
     let retry = RetryPolicy::exponential(Duration::from_millis(200), 2.0, 5);
     let mut r = Registry::new();
     r.workflow("nap", nap).unwrap();
     r.workflow("deadline", deadline).unwrap();
     r.workflow("counter", counter).unwrap();
+    r.workflow("rough", rough).unwrap();
+    let quick = RetryPolicy::exponential(Duration::from_millis(100), 2.0, 3);
+    r.activity(
+        &PANICKY,
+        ActivityOptions::new("rt-cpu", Duration::from_secs(10), quick.clone()),
+        |ctx: baton_actors::ActivityContext, _: String| async move {
+            let attempt = ctx.info().attempt;
+            if attempt == 1 {
+                panic!("deliberate panic in attempt 1");
+            }
+            Ok(attempt)
+        },
+    )
+    .unwrap();
+    // Waits `ms` while heartbeating: a long activity, for killing its pool mid-way.
+    r.activity(
+        &SLOW,
+        ActivityOptions::new("rt-cpu", Duration::from_secs(30), quick),
+        |ctx: baton_actors::ActivityContext, ms: u64| async move {
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_millis(ms) {
+                ctx.heartbeat();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(start.elapsed().as_millis() as u64)
+        },
+    )
+    .unwrap();
     r.activity(
         &ECHO,
         ActivityOptions::new("rt-cpu", Duration::from_secs(10), retry.clone()),
@@ -197,14 +234,16 @@ async fn signals_and_queries_survive_a_restart() -> anyhow::Result<()> {
         let c = client.clone();
         async move {
             let body = json!({"workflow_id": "count-1", "name": "add", "input": n});
-            c.request_json("baton.api.signal", &body, baton_tests::REQUEST_TIMEOUT).await
+            c.request_json("baton.api.signal", &body, baton_tests::REQUEST_TIMEOUT)
+                .await
         }
     };
     let query = |name: &'static str| {
         let c = client.clone();
         async move {
             let body = json!({"workflow_id": "count-1", "name": name});
-            c.request_json("baton.api.query", &body, baton_tests::REQUEST_TIMEOUT).await
+            c.request_json("baton.api.query", &body, baton_tests::REQUEST_TIMEOUT)
+                .await
         }
     };
 
@@ -242,5 +281,63 @@ async fn signals_and_queries_survive_a_restart() -> anyhow::Result<()> {
         4
     );
     node.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn panicking_runners_and_killed_pools_lose_nothing() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let nc = nats.connect().await?;
+    let dir = tempfile::tempdir()?;
+    let streams = Streams::ensure(&nc).await?;
+    let pool = start_pool(
+        streams,
+        Arc::new(registry()),
+        PoolOptions {
+            queue: "rt-cpu".into(),
+            concurrency: 2,
+            worker_id: "rt-worker".into(),
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let client = Client::new(nc.clone());
+    let node = orchestrator(&nc, dir.path()).await;
+    client
+        .start("rough", Some("rough-1"), json!(1500))
+        .await?
+        .into_result()
+        .unwrap();
+
+    // Wait until the slow activity runs, then kill the pool actor under it.
+    let deadline = std::time::Instant::now() + WAIT;
+    while of_type(&events(&client, "rough-1").await?, "activity_scheduled").len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow activity was never scheduled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pool.pool().await.expect("a pool runs").kill();
+
+    let (attempt, slept): (u32, u64) = match client.wait_result("rough-1", WAIT).await? {
+        ResultReply::Completed { output } => serde_json::from_value(output)?,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(attempt, 2, "the panicking attempt was retried");
+    assert!(slept >= 1500);
+    assert_eq!(pool.restarts().await, 1, "the killed pool was replaced");
+    let evs = events(&client, "rough-1").await?;
+    let failed = of_type(&evs, "activity_failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["failure"]["kind"], "ActivityPanic");
+    assert_eq!(
+        of_type(&evs, "activity_completed").len(),
+        2,
+        "each result recorded once"
+    );
+    node.stop().await;
+    pool.stop().await;
     Ok(())
 }
