@@ -75,7 +75,12 @@ impl EdgeClient {
         workflow_id: Option<String>,
         input: serde_json::Value,
     ) -> anyhow::Result<Result<StartReply, ApiError>> {
-        let body = StartRequest { workflow_id, input, id_reuse_policy: None, id_conflict_policy: None };
+        let body = StartRequest {
+            workflow_id,
+            input,
+            id_reuse_policy: None,
+            id_conflict_policy: None,
+        };
         self.request(
             subject::start(workflow_type),
             &body,
