@@ -1,9 +1,10 @@
 //! `baton`: Baton's command-line interface and node roles.
 //!
-//! - `baton dev`: a local nats-server child, an orchestrator, a CPU and a GPU worker pool,
-//!   in one process, until Ctrl-C.
-//! - `baton orchestrator` / `baton worker`: the same roles as separate processes.
-//! - `baton start | result | describe | history | list`: a client of the edge.
+//! - `baton dev`: a local nats-server child, an orchestrator, a CPU, a GPU and an index
+//!   worker pool and the search service, in one process, until Ctrl-C.
+//! - `baton orchestrator` / `baton worker`: the same roles as separate processes
+//!   (`baton worker --queue index` owns the vector index and serves `baton.api.search`).
+//! - `baton start | result | describe | history | list | search`: a client of the edge.
 //! - `baton demo`: `baton dev` plus the Mini AI Pipeline, printing both results.
 
 mod client;
@@ -18,7 +19,13 @@ use baton_actors::{
     node::{NodeOptions, Orchestrator},
     worker::{PoolHandle, PoolOptions, start_pool},
 };
-use baton_orchestrator::pipelines::{self, Models};
+use baton_orchestrator::{
+    index::VectorIndex,
+    pipelines::{
+        self, Models,
+        ingest::{self, SearchService},
+    },
+};
 use baton_transport::{jetstream::Streams, wire::ResultReply};
 use clap::{Parser, Subcommand};
 use client::EdgeClient;
@@ -40,7 +47,8 @@ struct NatsArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// One process: a local nats-server, an orchestrator, a CPU and a GPU worker pool.
+    /// One process: a local nats-server, an orchestrator, a CPU, a GPU and an index worker
+    /// pool, and the search service.
     Dev(DevArgs),
     /// An orchestrator node.
     Orchestrator {
@@ -60,6 +68,10 @@ enum Cmd {
         /// Most activities run at once.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// With `--queue index`: directory of the vector index (default:
+        /// `$BATON_DATA_DIR/index`, else `./baton-index`). Ignored for other queues.
+        #[arg(long, env = "BATON_INDEX_DIR")]
+        index_dir: Option<PathBuf>,
     },
     /// Start a workflow.
     Start {
@@ -100,6 +112,36 @@ enum Cmd {
         nats: NatsArgs,
         /// The workflow ID.
         id: String,
+        /// Print the whole reply as one JSON document (what `baton replay` reads).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a signal to a running workflow (journaled before the reply).
+    Signal {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// The workflow ID.
+        id: String,
+        /// The signal's name.
+        name: String,
+        /// Its payload, as JSON.
+        #[arg(long, default_value = "null")]
+        input: String,
+    },
+    /// Ask a workflow a query its code answers from its state.
+    Query {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// The workflow ID.
+        id: String,
+        /// The query's name.
+        name: String,
+    },
+    /// Replay a recorded history (`baton history --json`, or one event per line) against
+    /// this build's workflows; a non-determinism is reported and exits with 1.
+    Replay {
+        /// The history file.
+        file: PathBuf,
     },
     /// List workflows.
     List {
@@ -111,6 +153,19 @@ enum Cmd {
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+    },
+    /// Search the document index (`document_ingest`): the chunks nearest to a query.
+    Search {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// The query.
+        query: String,
+        /// How many hits (1 to 100).
+        #[arg(long, short, default_value_t = ingest::DEFAULT_K)]
+        k: usize,
+        /// Print the reply as JSON, chunk texts in full.
+        #[arg(long)]
+        json: bool,
     },
     /// `baton dev` plus the Mini AI Pipeline: runs both workflows and prints their results.
     Demo(DevArgs),
@@ -137,6 +192,9 @@ pub struct DevArgs {
     /// Concurrency of the GPU pool.
     #[arg(long, default_value_t = 2)]
     gpu_concurrency: usize,
+    /// Directory of the vector index (default: `<data-dir>/index`).
+    #[arg(long)]
+    index_dir: Option<PathBuf>,
     /// `baton demo` only: sequential runs of each workflow for the latency figures (0: none).
     #[arg(long, default_value_t = 20)]
     latency_runs: usize,
@@ -163,8 +221,39 @@ pub fn baton_home() -> PathBuf {
     cwd
 }
 
-fn registry() -> anyhow::Result<Registry> {
-    pipelines::factory(Arc::new(Models::new(baton_home())))
+/// The process's models (loaded lazily) and, once [`open_index`] set it, its vector index.
+fn models() -> Arc<Models> {
+    Arc::new(Models::new(baton_home()))
+}
+
+fn registry(models: &Arc<Models>) -> anyhow::Result<Registry> {
+    pipelines::factory(models.clone())
+}
+
+/// Opens the vector index in `dir` and hands it to `models`, for the index activities and
+/// the search service of this process.
+async fn open_index(models: &Arc<Models>, dir: PathBuf) -> anyhow::Result<()> {
+    let shown = dir.display().to_string();
+    let index = tokio::task::spawn_blocking(move || VectorIndex::open_dir(&dir))
+        .await?
+        .with_context(|| format!("opening the vector index in {shown}"))?;
+    let stats = index.stats();
+    tracing::info!(path = %index.path().display(), documents = stats.documents, chunks = stats.chunks, "vector index open");
+    if !models.set_index(Arc::new(index)) {
+        bail!("this process already has a vector index");
+    }
+    Ok(())
+}
+
+/// The index directory of `baton worker --queue index`: `--index-dir`, else
+/// `$BATON_DATA_DIR/index`, else `./baton-index`.
+fn worker_index_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| {
+        std::env::var_os("BATON_DATA_DIR")
+            .filter(|d| !d.is_empty())
+            .map(|d| PathBuf::from(d).join("index"))
+    })
+    .unwrap_or_else(|| PathBuf::from("baton-index"))
 }
 
 fn worker_id(queue: &str) -> String {
@@ -208,11 +297,13 @@ pub struct Dev {
     pub url: String,
     orchestrator: Orchestrator,
     pools: Vec<PoolHandle>,
+    search: SearchService,
     _server: Option<nats_server::NatsServer>,
 }
 
 impl Dev {
-    /// Starts the local server (unless `--nats-url`), the orchestrator and both pools.
+    /// Starts the local server (unless `--nats-url`), the orchestrator, the CPU, GPU and
+    /// index pools and the search service.
     pub async fn start(args: &DevArgs) -> anyhow::Result<Dev> {
         let home = baton_home();
         let data_dir = args
@@ -233,7 +324,15 @@ impl Dev {
             }
         };
         let client = connect(&url).await?;
-        let registry = Arc::new(registry()?);
+        let models = models();
+        // Fine-tuned heads, checkpoints and datasets live in JetStream (KV + object store).
+        models.attach_jetstream(async_nats::jetstream::new(client.clone()));
+        let index_dir = args
+            .index_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("index"));
+        open_index(&models, index_dir).await?;
+        let registry = Arc::new(registry(&models)?);
         let orchestrator = Orchestrator::start(
             client.clone(),
             (*registry).clone(),
@@ -257,18 +356,23 @@ impl Dev {
                 args.gpu_concurrency,
             )
             .await?,
+            // One writer at a time: upserts are serialised by the index anyway.
+            pool(&client, registry.clone(), ingest::INDEX_QUEUE, 1).await?,
         ];
+        let search = ingest::serve_search(client.clone(), models).await?;
         tracing::info!(%url, data_dir = %data_dir.display(), "baton dev is up");
         Ok(Dev {
             url,
             orchestrator,
             pools,
+            search,
             _server: server,
         })
     }
 
-    /// Stops the pools, the orchestrator, then the server.
+    /// Stops the search service, the pools, the orchestrator, then the server.
     pub async fn stop(self) {
+        self.search.stop();
         for p in self.pools {
             p.stop().await;
         }
@@ -319,7 +423,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Orchestrator { nats, data_dir } => {
             let client = connect(&nats.nats_url).await?;
-            let node = Orchestrator::start(client, registry()?, NodeOptions { data_dir }).await?;
+            let node =
+                Orchestrator::start(client, registry(&models())?, NodeOptions { data_dir }).await?;
             ctrl_c().await;
             node.stop().await;
         }
@@ -327,10 +432,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             nats,
             queue,
             concurrency,
+            index_dir,
         } => {
             let client = connect(&nats.nats_url).await?;
-            let pool = pool(&client, Arc::new(registry()?), &queue, concurrency).await?;
+            let models = models();
+            models.attach_jetstream(async_nats::jetstream::new(client.clone()));
+            let mut search = None;
+            if queue == ingest::INDEX_QUEUE {
+                open_index(&models, worker_index_dir(index_dir)).await?;
+                search = Some(ingest::serve_search(client.clone(), models.clone()).await?);
+            } else if let Some(dir) = index_dir {
+                tracing::warn!(index_dir = %dir.display(), %queue, "--index-dir ignored: only `--queue index` holds the vector index");
+            }
+            let pool = pool(&client, Arc::new(registry(&models)?), &queue, concurrency).await?;
             ctrl_c().await;
+            if let Some(s) = search {
+                s.stop();
+            }
             pool.stop().await;
         }
         Cmd::Start {
@@ -375,15 +493,65 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(api_error)?,
             )?;
         }
-        Cmd::History { nats, id } => {
+        Cmd::History { nats, id, json } => {
             let c = EdgeClient::connect(&nats.nats_url).await?;
             let h = c
                 .api("history", serde_json::json!({"workflow_id": id}))
                 .await?
                 .map_err(api_error)?;
-            for e in h["events"].as_array().into_iter().flatten() {
-                println!("{e}");
+            if json {
+                print_json(&h)?;
+            } else {
+                for e in h["events"].as_array().into_iter().flatten() {
+                    println!("{e}");
+                }
             }
+        }
+        Cmd::Signal {
+            nats,
+            id,
+            name,
+            input,
+        } => {
+            let input: serde_json::Value =
+                serde_json::from_str(&input).context("--input is not valid JSON")?;
+            let c = EdgeClient::connect(&nats.nats_url).await?;
+            print_json(
+                &c.api(
+                    "signal",
+                    serde_json::json!({"workflow_id": id, "name": name, "input": input}),
+                )
+                .await?
+                .map_err(api_error)?,
+            )?;
+        }
+        Cmd::Query { nats, id, name } => {
+            let c = EdgeClient::connect(&nats.nats_url).await?;
+            let r = c
+                .api(
+                    "query",
+                    serde_json::json!({"workflow_id": id, "name": name}),
+                )
+                .await?
+                .map_err(api_error)?;
+            print_json(&r["result"])?;
+        }
+        Cmd::Replay { file } => {
+            let report =
+                baton_orchestrator::replay_check::replay_file(&registry(&models())?, &file)?;
+            println!(
+                "{}: {} events of {} replayed against this build: deterministic; {}",
+                file.display(),
+                report.events,
+                report.workflow_type,
+                if report.closed {
+                    "the run closed the same way".to_string()
+                } else if report.next.is_empty() {
+                    "the code waits, as recorded".to_string()
+                } else {
+                    format!("next the code would: {}", report.next.join(", "))
+                }
+            );
         }
         Cmd::List {
             nats,
@@ -408,9 +576,76 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Search {
+            nats,
+            query,
+            k,
+            json,
+        } => {
+            let c = EdgeClient::connect(&nats.nats_url).await?;
+            let reply: ingest::SearchReply = c
+                .request(
+                    ingest::SEARCH_SUBJECT.into(),
+                    &ingest::SearchRequest { query, k },
+                    Duration::from_secs(30),
+                )
+                .await
+                .context(
+                    "no search service answered: is `baton dev` or `baton worker --queue index` running?",
+                )?
+                .map_err(api_error)?;
+            if json {
+                print_json(&reply)?;
+            } else {
+                print_hits(&reply);
+            }
+        }
         Cmd::Demo(args) => demo::run(&args).await?,
     }
     Ok(())
+}
+
+/// One hit per paragraph: rank, score, source and chunk ordinal, then the chunk's text
+/// abridged to about 160 characters.
+fn print_hits(reply: &ingest::SearchReply) {
+    if reply.hits.is_empty() {
+        println!(
+            "no hits ({} documents, {} chunks indexed)",
+            reply.index.documents, reply.index.chunks
+        );
+        return;
+    }
+    for (i, h) in reply.hits.iter().enumerate() {
+        // The document ID, when it says more than the source (an explicit `id`).
+        let id = if h.source.ends_with(h.doc_id.as_str()) {
+            String::new()
+        } else {
+            format!("  [{}]", h.doc_id)
+        };
+        println!(
+            "{:>2}. {:.3}  {} #{}{id}",
+            i + 1,
+            h.score,
+            h.source,
+            h.ordinal
+        );
+        println!("    {}", abridge(&h.text, 160));
+    }
+}
+
+/// `text` on one line, cut to at most `max` characters (at a word boundary when one is
+/// near) with an ellipsis.
+fn abridge(text: &str, max: usize) -> String {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= max {
+        return flat;
+    }
+    let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+    let cut = match cut.rfind(' ') {
+        Some(i) if i > max / 2 => &cut[..i],
+        _ => cut.as_str(),
+    };
+    format!("{}…", cut.trim_end())
 }
 
 fn print_result(r: ResultReply) -> anyhow::Result<()> {
@@ -419,4 +654,20 @@ fn print_result(r: ResultReply) -> anyhow::Result<()> {
         bail!("workflow failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::abridge;
+
+    #[test]
+    fn abridge_flattens_and_cuts_at_a_word() {
+        assert_eq!(abridge("  a\n b  ", 160), "a b");
+        let long = "word ".repeat(100);
+        let short = abridge(&long, 22);
+        assert_eq!(short, "word word word word…");
+        assert!(short.chars().count() <= 22);
+        let unbroken = "x".repeat(50);
+        assert_eq!(abridge(&unbroken, 10), format!("{}…", "x".repeat(9)));
+    }
 }

@@ -68,6 +68,14 @@ pub fn worker_args(nats: &NatsServer, queue: &str, concurrency: usize) -> Vec<St
     ]
 }
 
+/// Arguments of `baton worker --queue index`, the owner of the vector index in
+/// `index_dir` and of the search service.
+pub fn index_worker_args(nats: &NatsServer, index_dir: &std::path::Path) -> Vec<String> {
+    let mut args = worker_args(nats, "index", 1);
+    args.extend(["--index-dir".into(), index_dir.display().to_string()]);
+    args
+}
+
 /// Texts of about 250 tokens each: slow enough to kill a process mid-embedding.
 pub fn long_texts(n: usize) -> Vec<String> {
     let base = "the orchestrator journals every event before its effect leaves the node and replays the journal after a crash";

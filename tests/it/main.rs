@@ -3,6 +3,8 @@
 mod cluster;
 mod crash;
 mod edge;
+mod finetune;
 mod harness_smoke;
+mod ingest;
 mod pipeline;
 mod runtime;

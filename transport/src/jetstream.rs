@@ -185,6 +185,45 @@ impl Streams {
     }
 }
 
+/// Opens the KV bucket `config.bucket`, creating it with `config` when it does not exist.
+/// Safe to call from many processes at once: a creation that loses the race opens the
+/// bucket the winner created.
+pub async fn key_value_bucket(
+    js: &jetstream::Context,
+    config: jetstream::kv::Config,
+) -> Result<jetstream::kv::Store, Error> {
+    if let Ok(kv) = js.get_key_value(config.bucket.clone()).await {
+        return Ok(kv);
+    }
+    let bucket = config.bucket.clone();
+    match js.create_key_value(config).await {
+        Ok(kv) => Ok(kv),
+        Err(created) => js
+            .get_key_value(bucket)
+            .await
+            .map_err(|_| Error::nats(created)),
+    }
+}
+
+/// Opens the object store `config.bucket`, creating it with `config` when it does not
+/// exist; like [`key_value_bucket`], safe to call from many processes at once.
+pub async fn object_store_bucket(
+    js: &jetstream::Context,
+    config: jetstream::object_store::Config,
+) -> Result<jetstream::object_store::ObjectStore, Error> {
+    if let Ok(store) = js.get_object_store(&config.bucket).await {
+        return Ok(store);
+    }
+    let bucket = config.bucket.clone();
+    match js.create_object_store(config).await {
+        Ok(store) => Ok(store),
+        Err(created) => js
+            .get_object_store(&bucket)
+            .await
+            .map_err(|_| Error::nats(created)),
+    }
+}
+
 /// The heartbeat-details key of an activity.
 pub fn heartbeat_key(run_id: &str, seq: u32) -> String {
     format!("{run_id}.{seq}")

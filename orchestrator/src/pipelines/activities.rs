@@ -25,7 +25,8 @@ pub const PREPROCESS: ActivityDef<String, String> = ActivityDef::new("preprocess
 /// dropping the texts left empty.
 pub const PREPROCESS_BATCH: ActivityDef<Vec<String>, PreprocessedBatch> =
     ActivityDef::new("preprocess_batch");
-/// `run_inference(text) -> Inference` (gpu): zero-shot sentiment with the embedding model.
+/// `run_inference(text) -> Inference` (gpu): sentiment with the embedding model and the
+/// latest fine-tuned head of the `sentiment` model, or the zero-shot prototypes.
 pub const RUN_INFERENCE: ActivityDef<String, Inference> = ActivityDef::new("run_inference");
 /// `compute_embeddings(texts) -> Embeddings` (gpu): one unit vector per text.
 pub const COMPUTE_EMBEDDINGS: ActivityDef<Vec<String>, Embeddings> =
@@ -45,11 +46,16 @@ pub struct PreprocessedBatch {
 pub struct Inference {
     /// The text classified.
     pub input: String,
-    /// `positive` or `negative`.
+    /// `positive` or `negative` (or another class of the fine-tuned head).
     pub label: String,
-    /// The label's probability, in [0.5, 1] (see
-    /// [`SOFTMAX_TEMPERATURE`](super::SOFTMAX_TEMPERATURE)).
+    /// The label's probability: in [0.5, 1] with two classes (zero-shot: see
+    /// [`SOFTMAX_TEMPERATURE`](super::SOFTMAX_TEMPERATURE); fine-tuned: the head's softmax).
     pub score: f32,
+    /// What classified it: `<model>.v<N>` (the latest registered fine-tuned head of the
+    /// `sentiment` model) or `zero-shot` (the prototypes). Empty in results recorded before
+    /// the field existed.
+    #[serde(default)]
+    pub model: String,
 }
 
 /// The result of [`COMPUTE_EMBEDDINGS`].
@@ -164,8 +170,10 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| inference_error(format!("the model task did not finish: {e}")))?
 }
 
-/// [`RUN_INFERENCE`]'s implementation: embeds the text and classifies it against the
-/// sentiment prototypes ([`Sentiment`](super::Sentiment)). Heartbeats before and after the
+/// [`RUN_INFERENCE`]'s implementation: embeds the text and classifies it with the latest
+/// registered fine-tuned head of the `sentiment` model ([`Models::latest_head`], cached
+/// for two seconds) when there is one, else against the sentiment prototypes
+/// ([`Sentiment`](super::Sentiment), `model: "zero-shot"`). Heartbeats before and after the
 /// model runs. The first call in a process loads the model.
 pub async fn run_inference(
     models: Arc<Models>,
@@ -173,23 +181,37 @@ pub async fn run_inference(
     text: String,
 ) -> Result<Inference, ActivityError> {
     ctx.heartbeat();
-    let (text, label, score) = blocking(move || {
-        let sentiment = models.sentiment()?;
+    let fine = models.latest_head(super::finetune::SENTIMENT_MODEL).await?;
+    let inference = blocking(move || {
         let embedder = models.embedder()?;
         let vectors = embedder.embed(&[text.as_str()]).map_err(inference_error)?;
         let vector = vectors
             .first()
             .ok_or_else(|| inference_error("the model returned no vector"))?;
-        let (label, score) = sentiment.classify(vector);
-        Ok((text, label, score))
+        let (label, score, model) = match fine.as_deref() {
+            Some(f) if f.head.dim == vector.len() => {
+                let (class, p) = f.head.predict(vector);
+                (f.head.labels[class].clone(), p, f.name.clone())
+            }
+            other => {
+                if let Some(f) = other {
+                    tracing::warn!(model = %f.name, dim = f.head.dim, got = vector.len(),
+                        "the fine-tuned head does not fit this embedder; classifying zero-shot");
+                }
+                let (label, score) = models.sentiment()?.classify(vector);
+                (label.to_string(), score, super::eval::ZERO_SHOT.to_string())
+            }
+        };
+        Ok(Inference {
+            input: text,
+            label,
+            score,
+            model,
+        })
     })
     .await?;
     ctx.heartbeat();
-    Ok(Inference {
-        input: text,
-        label: label.to_string(),
-        score,
-    })
+    Ok(inference)
 }
 
 /// [`COMPUTE_EMBEDDINGS`]'s implementation: embeds in chunks of [`EMBED_CHUNK`], each on

@@ -14,6 +14,10 @@
 
 mod activities;
 pub mod bench;
+pub mod eval;
+pub mod finetune;
+pub mod ingest;
+pub mod model_store;
 mod models;
 mod workflows;
 
@@ -112,6 +116,8 @@ pub fn factory(models: Arc<Models>) -> anyhow::Result<Registry> {
             )
         })
         .context("registering the pipeline workflows")?;
+    ingest::register(&mut r, models.clone()).context("registering document_ingest")?;
+    finetune::register(&mut r, models.clone()).context("registering fine_tune and eval")?;
     let m = models.clone();
     r.activity(
         &RUN_INFERENCE,

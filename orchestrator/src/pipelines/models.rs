@@ -1,14 +1,23 @@
 //! The models behind the "gpu" activities: the sentence embedder, loaded lazily once per
-//! process, and the zero-shot sentiment classifier built on it.
+//! process, the zero-shot sentiment classifier built on it, and the process's handle on the
+//! cluster's model store (fine-tuned heads, the latest one cached for `run_inference`).
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
-    time::Instant,
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+    time::{Duration, Instant},
 };
 
+use async_nats::jetstream;
 use baton_actors::ActivityError;
-use baton_gpu_kernels::{Embedder, EmbedderConfig, cosine};
+use baton_gpu_kernels::{Embedder, EmbedderConfig, LinearHead, cosine};
+
+use super::model_store::{ModelStore, ModelVersion, StoreError};
+
+/// How long [`Models::latest_head`] trusts what it last read of a model's latest version
+/// before asking the model store again.
+pub const LATEST_TTL: Duration = Duration::from_secs(2);
 
 /// Temperature of the softmax that turns the two cosine similarities into a score.
 ///
@@ -78,26 +87,55 @@ impl Sentiment {
     /// probability under a softmax over the cosines at temperature
     /// [`SOFTMAX_TEMPERATURE`]: `exp(c_l / T) / sum_k exp(c_k / T)`.
     pub fn classify(&self, embedding: &[f32]) -> (&'static str, f32) {
-        let logits: Vec<f32> = self
-            .labels
-            .iter()
-            .map(|(_, c)| cosine(embedding, c) / SOFTMAX_TEMPERATURE)
-            .collect();
-        let (best, max) = logits
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |acc, (i, &l)| if l > acc.1 { (i, l) } else { acc },
-            );
-        let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
-        (self.labels[best].0, 1.0 / sum)
+        let (best, score) =
+            nearest_centroid(self.labels.iter().map(|(_, c)| c.as_slice()), embedding);
+        (self.labels[best].0, score)
     }
 
     /// The labels, in order.
     pub fn labels(&self) -> Vec<&'static str> {
         self.labels.iter().map(|(l, _)| *l).collect()
     }
+
+    /// Each label with its centroid, in order: what [`classify_with_centroids`] needs to
+    /// classify exactly as [`Sentiment::classify`] does, without the model.
+    pub fn centroids(&self) -> Vec<(String, Vec<f32>)> {
+        self.labels
+            .iter()
+            .map(|(l, c)| (l.to_string(), c.clone()))
+            .collect()
+    }
+}
+
+/// [`Sentiment::classify`] over any `(label, centroid)` list: the index of the centroid most
+/// similar to `embedding` and its softmax probability at [`SOFTMAX_TEMPERATURE`].
+///
+/// # Panics
+/// If `centroids` is empty.
+pub fn classify_with_centroids(
+    centroids: &[(String, Vec<f32>)],
+    embedding: &[f32],
+) -> (usize, f32) {
+    assert!(!centroids.is_empty(), "no centroids to classify with");
+    nearest_centroid(centroids.iter().map(|(_, c)| c.as_slice()), embedding)
+}
+
+fn nearest_centroid<'a>(
+    centroids: impl Iterator<Item = &'a [f32]>,
+    embedding: &[f32],
+) -> (usize, f32) {
+    let logits: Vec<f32> = centroids
+        .map(|c| cosine(embedding, c) / SOFTMAX_TEMPERATURE)
+        .collect();
+    let (best, max) = logits
+        .iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |acc, (i, &l)| if l > acc.1 { (i, l) } else { acc },
+        );
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    (best, 1.0 / sum)
 }
 
 /// Mean of unit vectors, renormalised to unit length.
@@ -130,6 +168,10 @@ pub struct Models {
     config: EmbedderConfig,
     embedder: Mutex<Option<Arc<Embedder>>>,
     sentiment: Mutex<Option<Arc<Sentiment>>>,
+    /// The cluster's model store (fine-tuned heads), once attached and opened.
+    store: ModelStoreSlot,
+    /// The vector index this process owns, if it serves the `index` queue.
+    index: std::sync::OnceLock<Arc<crate::index::VectorIndex>>,
 }
 
 impl std::fmt::Debug for Models {
@@ -158,6 +200,8 @@ impl Models {
             config,
             embedder: Mutex::new(None),
             sentiment: Mutex::new(None),
+            store: ModelStoreSlot::default(),
+            index: std::sync::OnceLock::new(),
         }
     }
 
@@ -224,6 +268,168 @@ impl Models {
         let sentiment = Arc::new(sentiment);
         *slot = Some(sentiment.clone());
         Ok(sentiment)
+    }
+}
+
+/// The vector index of `document_ingest` and `baton search`: held by the process that
+/// serves the `index` queue (see [`crate::index`]).
+impl Models {
+    /// Gives this process its vector index. Once per process: `false` (and the index
+    /// dropped) if one was already set.
+    pub fn set_index(&self, index: Arc<crate::index::VectorIndex>) -> bool {
+        self.index.set(index).is_ok()
+    }
+
+    /// The process's vector index, if it has one.
+    pub fn index(&self) -> Option<Arc<crate::index::VectorIndex>> {
+        self.index.get().cloned()
+    }
+}
+
+/// The JetStream connection, the opened model store and the latest-head cache of a
+/// [`Models`].
+#[derive(Default)]
+struct ModelStoreSlot {
+    jetstream: OnceLock<jetstream::Context>,
+    opened: tokio::sync::OnceCell<Arc<ModelStore>>,
+    latest: Mutex<HashMap<String, CachedLatest>>,
+}
+
+struct CachedLatest {
+    checked: Instant,
+    current: Option<Arc<FineTuned>>,
+}
+
+/// A registered fine-tuned head, loaded: what `run_inference` classifies with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FineTuned {
+    /// `<model>.v<N>`, as reported in `Inference::model`.
+    pub name: String,
+    /// The version's metadata.
+    pub version: ModelVersion,
+    /// The head.
+    pub head: LinearHead,
+}
+
+/// The model store: fine-tuned heads registered by `fine_tune` (see
+/// [`super::model_store`]).
+impl Models {
+    /// Gives the models a JetStream connection to the cluster's model store (the
+    /// `BATON_MODELS` KV bucket and the `BATON_ARTIFACTS` object store, created on first
+    /// use). Call it once, after connecting to NATS and before the pools start; later calls
+    /// are ignored. Without it, `run_inference` classifies zero-shot and the fine-tuning and
+    /// evaluation activities fail with a retryable `ModelStoreUnavailable`.
+    pub fn attach_jetstream(&self, js: jetstream::Context) {
+        if self.store.jetstream.set(js).is_err() {
+            tracing::debug!("the model store already has a JetStream connection");
+        }
+    }
+
+    /// Whether [`Models::attach_jetstream`] was called.
+    pub fn has_store(&self) -> bool {
+        self.store.jetstream.get().is_some()
+    }
+
+    /// The model store, opened (its buckets created if need be) on first use.
+    ///
+    /// No JetStream attached, or the buckets cannot be opened: a retryable
+    /// `ModelStoreUnavailable` activity error (opening is tried again on the next call).
+    pub async fn store(&self) -> Result<Arc<ModelStore>, ActivityError> {
+        let Some(js) = self.store.jetstream.get() else {
+            return Err(ActivityError::retryable(
+                "ModelStoreUnavailable",
+                "this worker has no model store: Models::attach_jetstream was not called",
+            ));
+        };
+        self.store
+            .opened
+            .get_or_try_init(|| async { ModelStore::open(js).await.map(Arc::new) })
+            .await
+            .cloned()
+            .map_err(StoreError::into_activity_error)
+    }
+
+    /// The latest registered fine-tuned head of `model`, or `None` when it has no version
+    /// (or no model store is attached: zero-shot, as before fine-tuning existed).
+    ///
+    /// What was read is trusted for [`LATEST_TTL`], so inference pays the store's round
+    /// trips at most once per model every two seconds and picks up a new version within
+    /// that time. When the store cannot be read, the head read before is used (with a
+    /// warning); with nothing read before, the error (retryable `ModelStoreUnavailable`).
+    pub async fn latest_head(&self, model: &str) -> Result<Option<Arc<FineTuned>>, ActivityError> {
+        if !self.has_store() {
+            return Ok(None);
+        }
+        let cached = {
+            let latest = self
+                .store
+                .latest
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match latest.get(model) {
+                Some(c) if c.checked.elapsed() < LATEST_TTL => return Ok(c.current.clone()),
+                Some(c) => Some(c.current.clone()),
+                None => None,
+            }
+        };
+        match self.read_latest(model, cached.clone().flatten()).await {
+            Ok(current) => {
+                let entry = CachedLatest {
+                    checked: Instant::now(),
+                    current: current.clone(),
+                };
+                self.store
+                    .latest
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(model.to_string(), entry);
+                Ok(current)
+            }
+            Err(e) => match cached {
+                Some(current) => {
+                    tracing::warn!(model, error = %e.message, "model store unreadable; using the head read before");
+                    Ok(current)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    async fn read_latest(
+        &self,
+        model: &str,
+        cached: Option<Arc<FineTuned>>,
+    ) -> Result<Option<Arc<FineTuned>>, ActivityError> {
+        let store = self.store().await?;
+        let Some(n) = store
+            .latest(model)
+            .await
+            .map_err(StoreError::into_activity_error)?
+        else {
+            return Ok(None);
+        };
+        if let Some(c) = cached.filter(|c| c.version.version == n) {
+            return Ok(Some(c));
+        }
+        let version = store
+            .version(model, n)
+            .await
+            .map_err(StoreError::into_activity_error)?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("{model}.latest is {n} but {model}.v{n} is missing"))
+                    .into_activity_error()
+            })?;
+        let head = store
+            .head(&version)
+            .await
+            .map_err(StoreError::into_activity_error)?;
+        let fine = FineTuned {
+            name: version.name(),
+            version,
+            head,
+        };
+        tracing::info!(model = %fine.name, labels = ?fine.head.labels, "fine-tuned head loaded");
+        Ok(Some(Arc::new(fine)))
     }
 }
 

@@ -205,15 +205,19 @@ async fn drive(registry: &Registry, workflow: &str, input: serde_json::Value) ->
 #[test]
 fn the_factory_registers_both_workflows_and_routes_each_activity() {
     let r = factory(no_models()).unwrap();
-    assert_eq!(r.workflow_names(), ["batch_embed", "prepare_and_infer"]);
-    assert_eq!(
-        r.activities_of_queue(CPU_QUEUE),
-        ["preprocess", "preprocess_batch", "validate_input"]
-    );
-    assert_eq!(
-        r.activities_of_queue(GPU_QUEUE),
-        ["compute_embeddings", "run_inference"]
-    );
+    // The Mini AI Pipeline's part of the registry (other pipelines test their own).
+    let names = r.workflow_names();
+    for wf in ["batch_embed", "prepare_and_infer"] {
+        assert!(names.contains(&wf), "{wf} not in {names:?}");
+    }
+    let cpu = r.activities_of_queue(CPU_QUEUE);
+    for a in ["preprocess", "preprocess_batch", "validate_input"] {
+        assert!(cpu.contains(&a), "{a} not routed to cpu: {cpu:?}");
+    }
+    let gpu = r.activities_of_queue(GPU_QUEUE);
+    for a in ["compute_embeddings", "run_inference"] {
+        assert!(gpu.contains(&a), "{a} not routed to gpu: {gpu:?}");
+    }
     for name in [
         "validate_input",
         "preprocess",
@@ -226,7 +230,13 @@ fn the_factory_registers_both_workflows_and_routes_each_activity() {
             "{name} has no implementation"
         );
     }
-    assert_eq!(r.policies().len(), 5);
+    // Every activity with options has an implementation.
+    for name in r.policies().keys() {
+        assert!(
+            r.activity_fn(name).is_some(),
+            "{name} has no implementation"
+        );
+    }
 }
 
 #[test]
