@@ -68,6 +68,11 @@ impl EdgeClient {
         }
     }
 
+    /// The NATS connection.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
     /// Starts a workflow.
     pub async fn start(
         &self,

@@ -1,7 +1,7 @@
 //! `baton demo`: starts `baton dev` in-process and runs the Mini AI Pipeline through the
 //! edge, as any client would, printing what a user wants to see.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use baton_transport::wire::{ResultReply, StartStatus};
@@ -28,11 +28,194 @@ pub async fn run(args: &DevArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     let mut result = pipeline(&dev.url).await;
+    if result.is_ok() {
+        result = ml_pipelines(&dev.url).await;
+    }
     if result.is_ok() && args.latency_runs > 0 {
         result = latency(&dev.url, args.latency_runs).await;
     }
     dev.stop().await;
     result
+}
+
+/// The other ML pipelines: document ingestion and search, fine-tuning with progress,
+/// evaluation against the zero-shot baseline, and inference with the fine-tuned head.
+async fn ml_pipelines(url: &str) -> anyhow::Result<()> {
+    let c = EdgeClient::connect(url).await?;
+    let err = |e: baton_transport::wire::ApiError| anyhow::anyhow!("{:?}: {}", e.code, e.message);
+    let cwd = std::env::current_dir()?;
+
+    println!("\n== document_ingest: read, chunk (cpu) -> embed (gpu) -> index (index queue)");
+    let docs: Vec<serde_json::Value> = ["README.md", "ARCHITECTURE.md", "PROTOCOL.md"]
+        .iter()
+        .map(|f| cwd.join(f))
+        .filter(|p| p.exists())
+        .map(|p| serde_json::json!({"path": p.display().to_string()}))
+        .collect();
+    if docs.is_empty() {
+        println!("  (run from the repository root to ingest its documents)");
+    } else {
+        for round in ["first ingest", "re-ingest (idempotent)"] {
+            let id = format!("demo-ingest-{}", uuid::Uuid::new_v4().simple());
+            let out = run_workflow(
+                &c,
+                "document_ingest",
+                &id,
+                serde_json::json!({ "documents": docs }),
+            )
+            .await?;
+            println!(
+                "    {round}: {} documents, {} chunks, {} indexed, {} unchanged",
+                out["documents"], out["chunks"], out["chunks_indexed"], out["unchanged_documents"]
+            );
+        }
+        let query = "what happens when the orchestrator is killed mid-workflow?";
+        let reply = c
+            .request::<_, serde_json::Value>(
+                "baton.api.search".into(),
+                &serde_json::json!({"query": query, "k": 3}),
+                Duration::from_secs(30),
+            )
+            .await?
+            .map_err(err)?;
+        println!("    baton search {query:?} --k 3");
+        for h in reply["hits"].as_array().into_iter().flatten() {
+            let text: String = h["text"].as_str().unwrap_or("").chars().take(110).collect();
+            let source = h["source"]
+                .as_str()
+                .unwrap_or("")
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            println!(
+                "      {:.3}  {source} #{}  {text}...",
+                h["score"].as_f64().unwrap_or(0.0),
+                h["ordinal"]
+            );
+        }
+    }
+
+    println!(
+        "\n== fine_tune: validate (cpu) -> embed (gpu) -> train head (gpu, heartbeats with checkpoints) -> evaluate -> register"
+    );
+    let id = format!("demo-finetune-{}", uuid::Uuid::new_v4().simple());
+    let t = Instant::now();
+    let started = c
+        .start(
+            "fine_tune",
+            Some(id.clone()),
+            serde_json::json!({"dataset": "builtin:sentiment/train", "epochs": 400}),
+        )
+        .await?
+        .map_err(err)?;
+    let js = async_nats::jetstream::new(c.nats().clone());
+    let kv = js
+        .get_key_value(baton_transport::jetstream::HEARTBEATS_BUCKET)
+        .await?;
+    let mut last_epoch = None;
+    let out = loop {
+        match c
+            .result(&id, Duration::from_millis(500))
+            .await?
+            .map_err(err)?
+        {
+            ResultReply::Running => {
+                let d = c
+                    .api("describe", serde_json::json!({"workflow_id": id}))
+                    .await?
+                    .map_err(err)?;
+                for p in d["pending_activities"].as_array().into_iter().flatten() {
+                    if p["activity"] != "train_head" {
+                        continue;
+                    }
+                    let key = format!("{}.{}", started.run_id, p["seq"]);
+                    if let Ok(Some(bytes)) = kv.get(key).await {
+                        let progress: serde_json::Value =
+                            baton_transport::codec::decode(&bytes).unwrap_or_default();
+                        if progress["epoch"] != serde_json::Value::Null
+                            && last_epoch.as_ref() != Some(&progress["epoch"])
+                        {
+                            println!(
+                                "    training: epoch {} of {}, loss {:.4}",
+                                progress["epoch"],
+                                progress["epochs"],
+                                progress["loss"].as_f64().unwrap_or(0.0)
+                            );
+                            last_epoch = Some(progress["epoch"].clone());
+                        }
+                    }
+                }
+            }
+            ResultReply::Completed { output } => break output,
+            ResultReply::Failed { error } => bail!("{id}: {error}"),
+        }
+    };
+    println!(
+        "    registered {} in {:.1} s; holdout accuracy {:.3} (zero-shot {:.3}), macro-F1 {:.3} (zero-shot {:.3})",
+        out["name"].as_str().unwrap_or("?"),
+        t.elapsed().as_secs_f64(),
+        out["metrics"]["accuracy"].as_f64().unwrap_or(0.0),
+        out["zero_shot_metrics"]["accuracy"].as_f64().unwrap_or(0.0),
+        out["metrics"]["macro_f1"].as_f64().unwrap_or(0.0),
+        out["zero_shot_metrics"]["macro_f1"].as_f64().unwrap_or(0.0),
+    );
+
+    println!("\n== eval: the shipped test split, latest version vs the zero-shot baseline");
+    let id = format!("demo-eval-{}", uuid::Uuid::new_v4().simple());
+    let out = run_workflow(&c, "eval", &id, serde_json::json!({"dataset": "builtin:sentiment/test", "version": "latest", "baseline": "zero-shot"})).await?;
+    for (name, m) in [
+        (&out["version"], &out["metrics"]),
+        (&out["baseline"], &out["baseline_metrics"]),
+    ] {
+        let per_class: Vec<String> = m["per_class"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|k| {
+                format!(
+                    "{} F1 {:.3}",
+                    k["label"].as_str().unwrap_or("?"),
+                    k["f1"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect();
+        println!(
+            "    {:<14} accuracy {:.3}  macro-F1 {:.3}  ({})  on {} rows",
+            name.as_str().unwrap_or("?"),
+            m["accuracy"].as_f64().unwrap_or(0.0),
+            m["macro_f1"].as_f64().unwrap_or(0.0),
+            per_class.join(", "),
+            m["rows"]
+        );
+    }
+    println!(
+        "    delta: accuracy {:+.3}, macro-F1 {:+.3}",
+        out["delta"]["accuracy"].as_f64().unwrap_or(0.0),
+        out["delta"]["macro_f1"].as_f64().unwrap_or(0.0)
+    );
+
+    println!("\n== prepare_and_infer with the fine-tuned head");
+    for text in [
+        "Not bad at all, I would order again.",
+        "I wanted to love it, but it broke in a week.",
+    ] {
+        let id = format!("demo-tuned-{}", uuid::Uuid::new_v4().simple());
+        let out = run_workflow(
+            &c,
+            "prepare_and_infer",
+            &id,
+            serde_json::json!({ "text": text }),
+        )
+        .await?;
+        println!(
+            "    {text:?} -> {} ({:.3}, model {})",
+            out["label"],
+            out["score"].as_f64().unwrap_or(0.0),
+            out["model"]
+        );
+    }
+    Ok(())
 }
 
 /// Sequential end-to-end latency of each workflow through `baton dev`: start request to
