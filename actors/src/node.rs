@@ -571,17 +571,23 @@ fn handle_api(
     })
 }
 
+/// The current run of a workflow ID, or the error reply (`not_found`, `unavailable`).
+fn current_run(rt: &Runtime, workflow_id: &str, f: Format) -> Result<RunRecord, Reply> {
+    match rt.journal.run_of(workflow_id) {
+        Ok(Some(run)) => Ok(run),
+        Ok(None) => Err(Reply::err(
+            f,
+            ErrorCode::NotFound,
+            format!("no workflow {workflow_id:?}"),
+        )),
+        Err(e) => Err(Reply::err(f, ErrorCode::Unavailable, e.to_string())),
+    }
+}
+
 async fn signal(rt: &Runtime, req: SignalRequest, f: Format) -> Reply {
-    let run = match rt.journal.run_of(&req.workflow_id) {
-        Ok(Some(run)) => run,
-        Ok(None) => {
-            return Reply::err(
-                f,
-                ErrorCode::NotFound,
-                format!("no workflow {:?}", req.workflow_id),
-            );
-        }
-        Err(e) => return Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+    let run = match current_run(rt, &req.workflow_id, f) {
+        Ok(run) => run,
+        Err(reply) => return reply,
     };
     if run.status != RunStatus::Running {
         return Reply::err(
@@ -638,16 +644,9 @@ async fn signal(rt: &Runtime, req: SignalRequest, f: Format) -> Reply {
 }
 
 async fn query(rt: &Runtime, req: QueryRequest, f: Format) -> Reply {
-    let run = match rt.journal.run_of(&req.workflow_id) {
-        Ok(Some(run)) => run,
-        Ok(None) => {
-            return Reply::err(
-                f,
-                ErrorCode::NotFound,
-                format!("no workflow {:?}", req.workflow_id),
-            );
-        }
-        Err(e) => return Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+    let run = match current_run(rt, &req.workflow_id, f) {
+        Ok(run) => run,
+        Err(reply) => return reply,
     };
     let live = match run.status {
         RunStatus::Running => find_execution(rt, &run.run_id).await,
@@ -707,17 +706,12 @@ fn with_run(
     f: Format,
     then: impl FnOnce(&RunRecord, &[Event]) -> Reply,
 ) -> Reply {
-    match rt.journal.run_of(workflow_id) {
-        Ok(Some(run)) => match rt.journal.history(&run.run_id) {
+    match current_run(rt, workflow_id, f) {
+        Ok(run) => match rt.journal.history(&run.run_id) {
             Ok(history) => then(&run, &history),
             Err(e) => Reply::err(f, ErrorCode::Unavailable, e.to_string()),
         },
-        Ok(None) => Reply::err(
-            f,
-            ErrorCode::NotFound,
-            format!("no workflow {workflow_id:?}"),
-        ),
-        Err(e) => Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+        Err(reply) => reply,
     }
 }
 

@@ -157,17 +157,19 @@ pub async fn preprocess_batch(
     preprocess_batch_texts(&texts)
 }
 
-fn inference_error(e: impl std::fmt::Display) -> ActivityError {
+/// A model failure: retryable (another attempt, or another worker, may succeed).
+pub(crate) fn inference_error(e: impl std::fmt::Display) -> ActivityError {
     ActivityError::retryable("InferenceError", e.to_string())
 }
 
-/// Runs blocking model work off the async threads.
-async fn blocking<T: Send + 'static>(
+/// Runs blocking work (tokenizing, the model, file reads) off the async threads; shared by
+/// every pipeline's activities.
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ActivityError> + Send + 'static,
 ) -> Result<T, ActivityError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| inference_error(format!("the model task did not finish: {e}")))?
+        .map_err(|e| inference_error(format!("the blocking task did not finish: {e}")))?
 }
 
 /// [`RUN_INFERENCE`]'s implementation: embeds the text and classifies it with the latest

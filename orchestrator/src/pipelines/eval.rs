@@ -11,9 +11,10 @@ use baton_gpu_kernels::LinearHead;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{
+    activities::blocking,
     finetune::{
         DatasetRequest, DatasetSource, EMBED_TEXTS, EmbedRequest, EmbeddingSet, Row,
-        SENTIMENT_MODEL, VALIDATE_DATASET, blocking, load_embeddings,
+        SENTIMENT_MODEL, VALIDATE_DATASET, load_embeddings,
     },
     model_store::ModelStore,
     models::{Models, classify_with_centroids},

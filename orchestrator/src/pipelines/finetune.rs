@@ -29,7 +29,9 @@ use sha2::{Digest, Sha256};
 
 use super::{
     CPU_QUEUE, GPU_QUEUE,
-    activities::{EMBED_CHUNK, MAX_TEXT_CHARS, MODEL_NAME, Progress, normalize},
+    activities::{
+        EMBED_CHUNK, MAX_TEXT_CHARS, MODEL_NAME, Progress, blocking, inference_error, normalize,
+    },
     cpu_retry,
     eval::{self, EVAL, EVALUATE_MODELS, Metrics, classification_metrics, evaluate_models},
     model_store::{
@@ -489,19 +491,6 @@ impl EmbeddingSet {
     }
 }
 
-pub(crate) fn model_error(e: impl std::fmt::Display) -> ActivityError {
-    ActivityError::retryable("InferenceError", e.to_string())
-}
-
-/// Runs blocking work off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ActivityError> + Send + 'static,
-) -> Result<T, ActivityError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| model_error(format!("the blocking task did not finish: {e}")))?
-}
-
 /// Loads an embedding set, checking it holds `rows` vectors at least.
 pub(crate) async fn load_embeddings(
     store: &ModelStore,
@@ -549,12 +538,12 @@ pub async fn embed_texts(
         let (embedder, texts) = (embedder.clone(), texts.clone());
         let chunk = blocking(move || {
             let chunk: Vec<&str> = texts[start..end].iter().map(String::as_str).collect();
-            embedder.embed(&chunk).map_err(model_error)
+            embedder.embed(&chunk).map_err(inference_error)
         })
         .await?;
         for v in chunk {
             if v.len() != dim {
-                return Err(model_error(format!(
+                return Err(inference_error(format!(
                     "a vector of {} values, not {dim}",
                     v.len()
                 )));

@@ -61,7 +61,9 @@ use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use super::{
-    CPU_QUEUE, EMBED_CHUNK, GPU_QUEUE, MODEL_NAME, Models, Progress, cpu_retry, gpu_retry,
+    CPU_QUEUE, EMBED_CHUNK, GPU_QUEUE, MODEL_NAME, Models, Progress,
+    activities::{blocking, inference_error},
+    cpu_retry, gpu_retry,
 };
 use crate::index::{DocumentUpsert, Hit, IndexChunk, IndexError, IndexStats, Upsert, VectorIndex};
 
@@ -811,19 +813,6 @@ pub async fn chunk_documents(
 }
 
 // --- embed_chunks ---------------------------------------------------------------------
-
-fn inference_error(e: impl std::fmt::Display) -> ActivityError {
-    ActivityError::retryable("InferenceError", e.to_string())
-}
-
-/// Runs blocking work off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ActivityError> + Send + 'static,
-) -> Result<T, ActivityError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| inference_error(format!("the blocking task did not finish: {e}")))?
-}
 
 /// [`EMBED_CHUNKS`]'s implementation: embeds in batches of [`EMBED_CHUNK`] on a blocking
 /// thread, heartbeating [`Progress`] after each, and lists the chunks the model truncated
