@@ -8,6 +8,13 @@
 //! nats-server are measured apart from the load generator's own. In the same run it
 //! measures the raw JetStream dispatch round trip (task -> pull -> result -> ack) on the
 //! same server, so Baton's overhead can be reported as a ratio to that limit.
+//!
+//! With `--compare-bare-embedder`, each measured run of `batch_embed` is followed by a run of
+//! a bare `baton_gpu_kernels::Embedder` loaded in this process (the same model and settings
+//! as the GPU pool's: 2 intra-op threads, one session) on the same texts in batches of 32,
+//! while Baton is idle: texts/s through the workflow vs texts/s of the bare embedder, as a
+//! ratio measured in one run. Compare at C = 1 and 2: Baton's pool has one session, so more
+//! concurrent workflows only queue for it.
 
 use std::{
     collections::HashMap,
@@ -23,6 +30,7 @@ use std::{
 use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use baton_benches::{children, median, percentile, proc_stats};
+use baton_gpu_kernels::{Embedder, EmbedderConfig};
 use clap::Parser;
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -63,6 +71,92 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// For `batch_embed`: after each measured run, embed the same texts with a bare
+    /// `Embedder` in this process (2 intra-op threads, one session, batches of 32) while
+    /// Baton is idle, and report both in texts/s with their ratio.
+    #[arg(long)]
+    compare_bare_embedder: bool,
+    /// Where `cargo xtask setup` put the model and ONNX Runtime (for
+    /// `--compare-bare-embedder`).
+    #[arg(long, env = "BATON_HOME", default_value = ".baton")]
+    baton_home: PathBuf,
+}
+
+/// One concurrency level of `--compare-bare-embedder`: per run, in run order.
+struct Comparison {
+    c: usize,
+    /// Texts/s through the workflow (workflows/s x 32).
+    workflow: Vec<f64>,
+    /// CPU ms of Baton (`baton dev` + its nats-server) per workflow.
+    baton_cpu: Vec<f64>,
+    /// Of which the nats-server's.
+    nats_cpu: Vec<f64>,
+    /// CPU ms of this process (the clients) per workflow.
+    client_cpu: Vec<f64>,
+    /// Texts/s of the bare embedder on the same texts, right after.
+    bare: Vec<f64>,
+    /// CPU ms of this process per bare `embed` call of 32 texts.
+    bare_cpu: Vec<f64>,
+    /// workflow / bare, per run.
+    ratio: Vec<f64>,
+}
+
+/// User + system CPU seconds of this process so far.
+fn own_cpu_s() -> f64 {
+    proc_stats(std::process::id()).map_or(0.0, |s| s.cpu_s)
+}
+
+/// Texts per `batch_embed` workflow (see [`input`]).
+const BATCH_TEXTS: usize = 32;
+
+/// The bare embedder of `--compare-bare-embedder`, configured as Baton's GPU pool
+/// configures its own (`Models::new`: 2 intra-op threads, one session), and warmed up.
+fn load_bare_embedder(home: &std::path::Path) -> anyhow::Result<Arc<Embedder>> {
+    let cfg = EmbedderConfig {
+        intra_threads: 2,
+        sessions: 1,
+        ..EmbedderConfig::from_home(home)
+    };
+    let embedder = Embedder::load(&cfg)
+        .with_context(|| format!("loading the bare embedder from {}", home.display()))?;
+    for i in 0..4 {
+        let texts = batch_texts(i);
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        embedder.embed(&refs)?;
+    }
+    Ok(Arc::new(embedder))
+}
+
+/// The texts of `batch_embed` workflow `i` (what [`input`] sends).
+fn batch_texts(i: usize) -> Vec<String> {
+    (0..BATCH_TEXTS)
+        .map(|j| format!("document {i} sentence {j} about orchestration"))
+        .collect()
+}
+
+/// The bare embedder on the texts of workflows `0..n`, one `embed` call of 32 texts per
+/// workflow. Returns (texts/s, this process's CPU ms per 32 texts).
+async fn bare_run(embedder: &Arc<Embedder>, n: usize) -> anyhow::Result<(f64, f64)> {
+    let embedder = embedder.clone();
+    tokio::task::spawn_blocking(move || {
+        let batches: Vec<Vec<String>> = (0..n).map(batch_texts).collect();
+        let cpu0 = own_cpu_s();
+        let t = Instant::now();
+        for texts in &batches {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let v = embedder.embed(&refs)?;
+            if v.len() != BATCH_TEXTS || v.iter().any(|v| v.len() != 384) {
+                bail!("the bare embedder returned {} vectors", v.len());
+            }
+        }
+        let elapsed = t.elapsed().as_secs_f64();
+        let cpu1 = own_cpu_s();
+        Ok((
+            (n * BATCH_TEXTS) as f64 / elapsed,
+            (cpu1 - cpu0) * 1e3 / n as f64,
+        ))
+    })
+    .await?
 }
 
 struct Dev {
@@ -118,9 +212,7 @@ fn input(workload: &str, i: usize) -> Value {
             ];
             json!({"text": texts[i % texts.len()]})
         }
-        "batch_embed" => {
-            json!({"texts": (0..32).map(|j| format!("document {i} sentence {j} about orchestration")).collect::<Vec<_>>()})
-        }
+        "batch_embed" => json!({ "texts": batch_texts(i) }),
         _ => Value::Null,
     }
 }
@@ -386,6 +478,16 @@ fn fmt_range(values: &[f64], digits: usize) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let bare = if args.compare_bare_embedder {
+        if !args.workload.iter().any(|w| w == "batch_embed") {
+            bail!(
+                "--compare-bare-embedder needs the batch_embed workload (--workload batch_embed)"
+            );
+        }
+        Some(load_bare_embedder(&args.baton_home)?)
+    } else {
+        None
+    };
     let dev = match &args.nats_url {
         Some(_) => None,
         None => Some(spawn_dev(&args)?),
@@ -444,21 +546,55 @@ async fn main() -> anyhow::Result<()> {
         "\n{:<18} {:>4} {:>22} {:>20} {:>20} {:>20} {:>16}",
         "workload", "C", "workflows/s", "p50 ms", "p90 ms", "p99 ms", "CPU ms/wf"
     );
+    let mut comparisons = Vec::new();
     for workload in &args.workload {
+        let bare = bare.as_ref().filter(|_| workload == "batch_embed");
         for &c in &args.concurrency {
             let (mut tput, mut p50, mut p90, mut p99, mut cpu) =
                 (vec![], vec![], vec![], vec![], vec![]);
+            let (mut bare_tput, mut bare_cpu, mut client_cpu, mut nats_cpu) =
+                (vec![], vec![], vec![], vec![]);
             for run in 0..args.runs {
                 let prefix = format!("{prefix_base}-{workload}-{c}-{run}");
                 closed_loop(&nc, workload, &format!("{prefix}-w"), c, args.warmup).await?;
                 let (cpu0, _) = baton_cpu(&pids);
+                let (nats0, _) = baton_cpu(pids.get(1..).unwrap_or_default());
+                let own0 = own_cpu_s();
                 let (elapsed, lat) = closed_loop(&nc, workload, &prefix, c, args.workflows).await?;
+                let own1 = own_cpu_s();
                 let (cpu1, _) = baton_cpu(&pids);
+                let (nats1, _) = baton_cpu(pids.get(1..).unwrap_or_default());
+                nats_cpu.push((nats1 - nats0) * 1e3 / args.workflows as f64);
+                client_cpu.push((own1 - own0) * 1e3 / args.workflows as f64);
                 tput.push(args.workflows as f64 / elapsed.as_secs_f64());
                 p50.push(percentile(&lat, 0.5));
                 p90.push(percentile(&lat, 0.9));
                 p99.push(percentile(&lat, 0.99));
                 cpu.push((cpu1 - cpu0) * 1e3 / args.workflows as f64);
+                if let Some(embedder) = bare {
+                    // Baton is idle now: the same texts through the bare embedder.
+                    let (rate, cpu_ms) = bare_run(embedder, args.workflows).await?;
+                    bare_tput.push(rate);
+                    bare_cpu.push(cpu_ms);
+                }
+            }
+            if bare.is_some() {
+                let workflow: Vec<f64> = tput.iter().map(|t| t * BATCH_TEXTS as f64).collect();
+                let ratio = workflow
+                    .iter()
+                    .zip(&bare_tput)
+                    .map(|(w, b)| w / b)
+                    .collect();
+                comparisons.push(Comparison {
+                    c,
+                    workflow,
+                    baton_cpu: cpu.clone(),
+                    nats_cpu,
+                    client_cpu,
+                    bare: bare_tput,
+                    bare_cpu,
+                    ratio,
+                });
             }
             let cpu_s = if pids.is_empty() {
                 "n/a".to_string()
@@ -475,6 +611,51 @@ async fn main() -> anyhow::Result<()> {
             );
             report.push(json!({"workload": workload, "concurrency": c, "workflows_per_s": tput, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "cpu_ms_per_workflow": cpu}));
         }
+    }
+    if !comparisons.is_empty() {
+        println!(
+            "\nbatch_embed through the workflow vs the bare Embedder in this process \
+             ({BATCH_TEXTS} texts per workflow and per embed call; runs alternate workflow, bare; \
+             CPU in ms per {BATCH_TEXTS} texts):"
+        );
+        println!(
+            "{:>4} {:>22} {:>20} {:>18} {:>18} {:>22} {:>18} {:>22}",
+            "C",
+            "workflow texts/s",
+            "Baton CPU",
+            "of it nats-server",
+            "loadgen CPU",
+            "bare texts/s",
+            "bare CPU",
+            "workflow / bare"
+        );
+        let mut comparison_report = Vec::new();
+        for k in &comparisons {
+            println!(
+                "{:>4} {:>22} {:>20} {:>18} {:>18} {:>22} {:>18} {:>22}",
+                k.c,
+                fmt_range(&k.workflow, 0),
+                fmt_range(&k.baton_cpu, 1),
+                fmt_range(&k.nats_cpu, 1),
+                fmt_range(&k.client_cpu, 1),
+                fmt_range(&k.bare, 0),
+                fmt_range(&k.bare_cpu, 1),
+                fmt_range(&k.ratio, 3)
+            );
+            comparison_report.push(json!({
+                "concurrency": k.c,
+                "workflow_texts_per_s": k.workflow,
+                "baton_cpu_ms_per_workflow": k.baton_cpu,
+                "nats_server_cpu_ms_per_workflow": k.nats_cpu,
+                "loadgen_cpu_ms_per_workflow": k.client_cpu,
+                "bare_texts_per_s": k.bare,
+                "bare_cpu_ms_per_batch": k.bare_cpu,
+                "workflow_over_bare": k.ratio,
+            }));
+        }
+        report.push(
+            json!({"workload": "batch_embed", "bare_embedder_comparison": comparison_report}),
+        );
     }
     let (_, rss) = baton_cpu(&pids);
     if !pids.is_empty() {
