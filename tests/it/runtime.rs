@@ -134,23 +134,49 @@ async fn orchestrator(client: &async_nats::Client, dir: &Path) -> Orchestrator {
     panic!("the orchestrator did not start");
 }
 
+/// A worker pool of the test registry on the `rt-cpu` queue.
+async fn rt_pool(
+    nc: &async_nats::Client,
+    concurrency: usize,
+) -> anyhow::Result<baton_actors::worker::PoolHandle> {
+    let streams = Streams::ensure(nc).await?;
+    start_pool(
+        streams,
+        Arc::new(registry()),
+        PoolOptions {
+            queue: "rt-cpu".into(),
+            concurrency,
+            worker_id: "rt-worker".into(),
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Waits until the workflow's journal holds at least `count` events of type `ty`.
+async fn wait_for_events(
+    client: &Client,
+    workflow_id: &str,
+    ty: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + WAIT;
+    while of_type(&events(client, workflow_id).await?, ty).len() < count {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{workflow_id}: {count} {ty} events never journaled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn durable_timers_fire_after_an_orchestrator_restart() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
     let nc = nats.connect().await?;
     let dir = tempfile::tempdir()?;
-    let streams = Streams::ensure(&nc).await?;
-    let pool = start_pool(
-        streams,
-        Arc::new(registry()),
-        PoolOptions {
-            queue: "rt-cpu".into(),
-            concurrency: 4,
-            worker_id: "rt-worker".into(),
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pool = rt_pool(&nc, 4).await?;
     let client = Client::new(nc.clone());
 
     let node = orchestrator(&nc, dir.path()).await;
@@ -160,11 +186,7 @@ async fn durable_timers_fire_after_an_orchestrator_restart() -> anyhow::Result<(
         .into_result()
         .unwrap();
     // Wait until the timer is journaled, then stop the node mid-sleep.
-    let deadline = std::time::Instant::now() + WAIT;
-    while of_type(&events(&client, "nap-1").await?, "timer_started").is_empty() {
-        assert!(std::time::Instant::now() < deadline, "timer never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_events(&client, "nap-1", "timer_started", 1).await?;
     node.stop().await;
     let node = orchestrator(&nc, dir.path()).await;
     assert_eq!(node.recovered(), 1);
@@ -289,18 +311,7 @@ async fn panicking_runners_and_killed_pools_lose_nothing() -> anyhow::Result<()>
     let nats = NatsServer::start().await?;
     let nc = nats.connect().await?;
     let dir = tempfile::tempdir()?;
-    let streams = Streams::ensure(&nc).await?;
-    let pool = start_pool(
-        streams,
-        Arc::new(registry()),
-        PoolOptions {
-            queue: "rt-cpu".into(),
-            concurrency: 2,
-            worker_id: "rt-worker".into(),
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pool = rt_pool(&nc, 2).await?;
     let client = Client::new(nc.clone());
     let node = orchestrator(&nc, dir.path()).await;
     client
@@ -310,14 +321,7 @@ async fn panicking_runners_and_killed_pools_lose_nothing() -> anyhow::Result<()>
         .unwrap();
 
     // Wait until the slow activity runs, then kill the pool actor under it.
-    let deadline = std::time::Instant::now() + WAIT;
-    while of_type(&events(&client, "rough-1").await?, "activity_scheduled").len() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slow activity was never scheduled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_events(&client, "rough-1", "activity_scheduled", 2).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     pool.pool().await.expect("a pool runs").kill();
 
