@@ -8,17 +8,19 @@
 //! no longer current are recognised by attempt number and dropped.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
 use async_nats::HeaderMap;
 use baton_transport::{
     Payload, codec,
-    jetstream::{Streams, task_msg_id},
+    jetstream::{Streams, heartbeat_key, task_msg_id},
     subject,
-    wire::{ActivityOutcome, ActivityReport, ActivityTask},
+    wire::{
+        ActivityOutcome, ActivityReport, ActivityTask, Failure, IdConflictPolicy, IdReusePolicy,
+    },
 };
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
@@ -28,10 +30,11 @@ use tokio::sync::broadcast;
 use crate::{
     Registry,
     context::Command,
+    error::ActivityError,
     history::{Event, EventKind},
-    journal::{Journal, RunRecord},
+    journal::{IdPolicies, Journal, ParentRef, RunRecord, RunStatus, StartOutcome},
     now_ms,
-    options::ActivityOptions,
+    options::{ActivityOptions, CancellationType, ChildOptions},
     replay::Execution,
 };
 
@@ -44,6 +47,139 @@ pub(crate) struct Runtime {
     pub(crate) closed: broadcast::Sender<String>,
     /// Live executions by run ID.
     pub(crate) executions: Mutex<HashMap<String, ActorRef<ExecMsg>>>,
+    /// The supervisor that spawns executions (set once the node has started it).
+    pub(crate) supervisor: OnceLock<ActorRef<SupervisorMsg>>,
+}
+
+impl Runtime {
+    /// The live execution of a run. A run started a moment ago may be asked for before its
+    /// actor is registered, so a running run is looked up a few times.
+    pub(crate) async fn find_execution(&self, run_id: &str) -> Option<ActorRef<ExecMsg>> {
+        for _ in 0..50 {
+            if let Some(a) = self.executions.lock().expect("executions lock").get(run_id) {
+                return Some(a.clone());
+            }
+            match self.journal.run(run_id) {
+                Ok(Some(run)) if run.status == RunStatus::Running => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// Starts the execution actor of a run just created in the journal.
+    pub(crate) fn spawn_run(self: &Arc<Self>, run: RunRecord, history: Vec<Event>) {
+        let Some(supervisor) = self.supervisor.get() else {
+            tracing::error!(run_id = %run.run_id, "no supervisor; the run starts at the next restart");
+            return;
+        };
+        let args = ExecArgs {
+            rt: self.clone(),
+            run,
+            history,
+            recovering: false,
+        };
+        if let Err(e) = supervisor.send_message(SupervisorMsg::Spawn(args)) {
+            tracing::error!(error = %e, "supervisor gone; the run starts at the next restart");
+        }
+    }
+}
+
+/// Why a message for a workflow ID could not be delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DeliveryError {
+    /// No workflow of that ID.
+    NotFound(String),
+    /// The workflow is closed.
+    Closed(String),
+    /// Not now (the run is restarting, the journal failed): retry.
+    Unavailable(String),
+}
+
+impl DeliveryError {
+    fn failure(&self) -> Failure {
+        let (kind, message) = match self {
+            DeliveryError::NotFound(m) => ("NotFound", m),
+            DeliveryError::Closed(m) => ("WorkflowClosed", m),
+            DeliveryError::Unavailable(m) => ("Unavailable", m),
+        };
+        Failure {
+            kind: kind.into(),
+            message: message.clone(),
+            retryable: matches!(self, DeliveryError::Unavailable(_)),
+        }
+    }
+}
+
+/// Delivers a message to the running run of a workflow ID, following continue-as-new:
+/// a run that closes while the message is on its way hands it to the run that follows.
+/// `make` builds the message around its reply port. Returns the run that took it.
+pub(crate) async fn deliver(
+    rt: &Runtime,
+    workflow_id: &str,
+    make: impl Fn(RpcReplyPort<Result<(), String>>) -> ExecMsg,
+) -> Result<RunRecord, DeliveryError> {
+    let mut last = String::new();
+    for _ in 0..20 {
+        let run = match rt.journal.run_of(workflow_id) {
+            Ok(Some(run)) => run,
+            Ok(None) => {
+                return Err(DeliveryError::NotFound(format!(
+                    "no workflow {workflow_id:?}"
+                )));
+            }
+            Err(e) => return Err(DeliveryError::Unavailable(e.to_string())),
+        };
+        if run.status != RunStatus::Running {
+            return Err(DeliveryError::Closed(format!(
+                "workflow {workflow_id:?} is {}",
+                run.status.as_str()
+            )));
+        }
+        if let Some(actor) = rt.find_execution(&run.run_id).await {
+            match actor.call(&make, Some(Duration::from_secs(30))).await {
+                Ok(ractor::rpc::CallResult::Success(Ok(()))) => return Ok(run),
+                Ok(ractor::rpc::CallResult::Success(Err(e))) => last = e,
+                Ok(other) => last = format!("{other:?}"),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        // The run closed (continue-as-new hands over to its successor) or is restarting.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(DeliveryError::Unavailable(format!(
+        "workflow {workflow_id:?} did not take the message: {last}"
+    )))
+}
+
+/// How a child workflow's run ended, as its parent learns it.
+#[derive(Debug, Clone)]
+pub(crate) enum ChildOutcome {
+    Completed(Payload),
+    Failed(Failure),
+    /// The child continued as new: its workflow goes on in this run.
+    ContinuedAs(String),
+}
+
+impl ChildOutcome {
+    /// The outcome a close event gives.
+    fn of_close(kind: &EventKind) -> Option<ChildOutcome> {
+        Some(match kind {
+            EventKind::WorkflowCompleted { output } => ChildOutcome::Completed(output.clone()),
+            EventKind::WorkflowFailed { failure } => ChildOutcome::Failed(failure.clone()),
+            EventKind::WorkflowTerminated { kind, reason } => ChildOutcome::Failed(Failure {
+                kind: kind.clone(),
+                message: reason.clone(),
+                retryable: kind == "TimedOut",
+            }),
+            EventKind::WorkflowContinuedAsNew { new_run_id, .. } => {
+                ChildOutcome::ContinuedAs(new_run_id.clone())
+            }
+            _ => return None,
+        })
+    }
 }
 
 /// Messages of an execution actor.
@@ -58,10 +194,11 @@ pub(crate) enum ExecMsg {
     Redispatch,
     /// A durable timer is due.
     TimerDue { seq: u32 },
-    /// A signal: answered once it is journaled.
+    /// A signal: answered once it is journaled (or known by its request ID).
     Signal {
         name: String,
         input: Payload,
+        request_id: Option<String>,
         reply: RpcReplyPort<Result<(), String>>,
     },
     /// A query, answered from the workflow's state.
@@ -71,6 +208,30 @@ pub(crate) enum ExecMsg {
     },
     /// An activity's schedule-to-close deadline is due.
     Deadline { seq: u32 },
+    /// Request cancellation of the run: answered once journaled.
+    Cancel {
+        reason: String,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+    /// Close the run without running its code (`Terminated`, or `TimedOut` from its
+    /// execution timeout).
+    Terminate {
+        kind: String,
+        reason: String,
+        reply: Option<RpcReplyPort<Result<(), String>>>,
+    },
+    /// Start (or, after a restart, find) the current attempt of a child workflow.
+    ChildStart { seq: u32 },
+    /// Look whether a running child has closed (a safety net under `ChildClosed`).
+    ChildPoll { seq: u32 },
+    /// A child's run closed.
+    ChildClosed {
+        seq: u32,
+        run_id: String,
+        outcome: ChildOutcome,
+    },
+    /// An external signal was delivered (no failure) or could not be.
+    ExternalSignalDone { seq: u32, failure: Option<Failure> },
 }
 
 struct Pending {
@@ -83,6 +244,31 @@ struct Pending {
     due_ms: u64,
     /// The schedule-to-close deadline (Unix ms), if the activity has one.
     deadline_ms: Option<u64>,
+    /// The workflow's cancellation reached it (`wait_cancellation_completed`): no more
+    /// retries; the next report resolves it.
+    cancel_requested: bool,
+}
+
+struct Child {
+    workflow_type: String,
+    workflow_id: String,
+    input: Payload,
+    options: ChildOptions,
+    /// The current attempt, from 1.
+    attempt: u32,
+    /// The current attempt's run, once started.
+    run_id: Option<String>,
+    /// When the current attempt may start (Unix ms), for retries in backoff.
+    due_ms: u64,
+    cancel_requested: bool,
+    /// A `ChildPoll` is armed.
+    polling: bool,
+}
+
+struct OutSignal {
+    workflow_id: String,
+    name: String,
+    input: Payload,
 }
 
 pub(crate) struct ExecState {
@@ -93,8 +279,76 @@ pub(crate) struct ExecState {
     pending: BTreeMap<u32, Pending>,
     /// Durable timers started and not fired: seq -> fire time (Unix ms).
     timers: BTreeMap<u32, u64>,
+    children: BTreeMap<u32, Child>,
+    signals_out: BTreeMap<u32, OutSignal>,
+    /// Request IDs of the signals recorded (a retried delivery is not recorded twice).
+    seen_signals: HashSet<String>,
+    cancel_requested: bool,
     /// Set when the code no longer matches the journal: the run stays open, untouched.
     blocked: Option<String>,
+}
+
+/// What a cancellation request must still do outside the journal.
+#[derive(Default)]
+struct CancelEffects {
+    /// Activities whose workers are told to stop.
+    activities: Vec<u32>,
+    /// Activities in backoff waiting for their cancellation to resolve them.
+    backoff: Vec<(u32, u32)>,
+    /// Child runs asked to cancel.
+    child_runs: Vec<String>,
+    /// Children not started yet waiting for their cancellation to resolve them.
+    unstarted_children: Vec<u32>,
+}
+
+/// Applies a cancellation request to the run's in-flight work, the same way live and when
+/// rebuilding from the journal (the replay core resolves the same things for the code).
+fn apply_cancel(
+    pending: &mut BTreeMap<u32, Pending>,
+    timers: &mut BTreeMap<u32, u64>,
+    children: &mut BTreeMap<u32, Child>,
+) -> CancelEffects {
+    let mut fx = CancelEffects::default();
+    timers.clear();
+    pending.retain(|seq, p| match p.options.cancellation {
+        CancellationType::Abandon => false,
+        CancellationType::TryCancel => {
+            fx.activities.push(*seq);
+            false
+        }
+        CancellationType::WaitCancellationCompleted => {
+            p.cancel_requested = true;
+            fx.activities.push(*seq);
+            if p.due_ms > 0 {
+                fx.backoff.push((*seq, p.attempt));
+            }
+            true
+        }
+    });
+    children.retain(|seq, c| {
+        if c.options.cancellation != CancellationType::Abandon {
+            match &c.run_id {
+                Some(r) => fx.child_runs.push(r.clone()),
+                None => fx.unstarted_children.push(*seq),
+            }
+        }
+        match c.options.cancellation {
+            CancellationType::WaitCancellationCompleted => {
+                c.cancel_requested = true;
+                true
+            }
+            _ => false,
+        }
+    });
+    fx
+}
+
+fn cancelled_failure(what: &str) -> Failure {
+    Failure {
+        kind: ActivityError::CANCELLED.into(),
+        message: format!("{what} was cancelled with its workflow"),
+        retryable: false,
+    }
 }
 
 pub(crate) struct ExecutionActor;
@@ -141,6 +395,11 @@ impl Actor for ExecutionActor {
         );
         let mut pending: BTreeMap<u32, Pending> = BTreeMap::new();
         let mut timers: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut children: BTreeMap<u32, Child> = BTreeMap::new();
+        let mut signals_out: BTreeMap<u32, OutSignal> = BTreeMap::new();
+        let mut seen_signals = HashSet::new();
+        let mut cancel_requested = false;
+        let mut cancel_fx = CancelEffects::default();
         let mut blocked = None;
         // Rebuild the workflow's state the way it ran; what the code issued beyond the
         // journal (it ran ahead of a crash) is new work.
@@ -168,13 +427,14 @@ impl Actor for ExecutionActor {
                             attempt: 1,
                             due_ms: 0,
                             deadline_ms: options.schedule_to_close_ms.map(|d| event.at_ms + d),
+                            cancel_requested: false,
                         },
                     );
                 }
                 EventKind::TimerStarted { seq, fire_at_ms } => {
                     timers.insert(*seq, *fire_at_ms);
                 }
-                EventKind::TimerFired { seq } => {
+                EventKind::TimerFired { seq } | EventKind::TimerCancelled { seq } => {
                     timers.remove(seq);
                 }
                 EventKind::ActivityCompleted { seq, .. }
@@ -196,6 +456,86 @@ impl Actor for ExecutionActor {
                         p.due_ms = event.at_ms + delay;
                     }
                 }
+                EventKind::SignalReceived {
+                    request_id: Some(id),
+                    ..
+                } => {
+                    seen_signals.insert(id.clone());
+                }
+                EventKind::WorkflowCancelRequested { .. } => {
+                    cancel_requested = true;
+                    cancel_fx = apply_cancel(&mut pending, &mut timers, &mut children);
+                }
+                EventKind::ChildWorkflowScheduled {
+                    seq,
+                    workflow_type,
+                    workflow_id,
+                    input,
+                    options,
+                } => {
+                    children.insert(
+                        *seq,
+                        Child {
+                            workflow_type: workflow_type.clone(),
+                            workflow_id: workflow_id.clone(),
+                            input: input.clone(),
+                            options: options.clone(),
+                            attempt: 1,
+                            run_id: None,
+                            due_ms: 0,
+                            cancel_requested: false,
+                            polling: false,
+                        },
+                    );
+                }
+                EventKind::ChildWorkflowStarted {
+                    seq,
+                    attempt,
+                    run_id,
+                } => {
+                    if let Some(c) = children.get_mut(seq) {
+                        c.attempt = *attempt;
+                        c.run_id = Some(run_id.clone());
+                    }
+                }
+                EventKind::ChildWorkflowCompleted { seq, .. }
+                | EventKind::ChildWorkflowFailed {
+                    seq,
+                    retry_in_ms: None,
+                    ..
+                } => {
+                    children.remove(seq);
+                }
+                EventKind::ChildWorkflowFailed {
+                    seq,
+                    attempt,
+                    retry_in_ms: Some(delay),
+                    ..
+                } => {
+                    if let Some(c) = children.get_mut(seq) {
+                        c.attempt = attempt + 1;
+                        c.run_id = None;
+                        c.due_ms = event.at_ms + delay;
+                    }
+                }
+                EventKind::ExternalSignalScheduled {
+                    seq,
+                    workflow_id,
+                    name,
+                    input,
+                } => {
+                    signals_out.insert(
+                        *seq,
+                        OutSignal {
+                            workflow_id: workflow_id.clone(),
+                            name: name.clone(),
+                            input: input.clone(),
+                        },
+                    );
+                }
+                EventKind::ExternalSignalResolved { seq, .. } => {
+                    signals_out.remove(seq);
+                }
                 _ => {}
             }
         }
@@ -216,6 +556,15 @@ impl Actor for ExecutionActor {
                 );
             }
         }
+        if let Some(deadline) = run.deadline_ms {
+            myself.send_after(Duration::from_millis(deadline.saturating_sub(now)), || {
+                ExecMsg::Terminate {
+                    kind: "TimedOut".into(),
+                    reason: "the workflow ran past its execution timeout".into(),
+                    reply: None,
+                }
+            });
+        }
         let mut state = ExecState {
             rt,
             run,
@@ -223,6 +572,10 @@ impl Actor for ExecutionActor {
             next_event_id,
             pending,
             timers,
+            children,
+            signals_out,
+            seen_signals,
+            cancel_requested,
             blocked,
         };
         if state.blocked.is_none() {
@@ -248,6 +601,25 @@ impl Actor for ExecutionActor {
                 })?;
             }
         }
+        // Children, external signals and a cancellation resume from the journal too; each
+        // step is idempotent (deterministic child run IDs, signal request IDs).
+        if recovering {
+            for (&seq, c) in &state.children {
+                if c.due_ms > now {
+                    myself.send_after(Duration::from_millis(c.due_ms - now), move || {
+                        ExecMsg::ChildStart { seq }
+                    });
+                } else {
+                    myself.send_message(ExecMsg::ChildStart { seq })?;
+                }
+            }
+            for &seq in state.signals_out.keys() {
+                state.send_external_signal(seq, &myself);
+            }
+            if state.cancel_requested {
+                state.after_cancel(cancel_fx, &myself).await;
+            }
+        }
         Ok(state)
     }
 
@@ -258,8 +630,25 @@ impl Actor for ExecutionActor {
         state: &mut ExecState,
     ) -> Result<(), ActorProcessingErr> {
         if state.blocked.is_some() {
-            if let ExecMsg::Report(_, reply) = msg {
-                let _ = reply.send(Err("execution blocked by non-determinism".into()));
+            match msg {
+                ExecMsg::Report(_, reply)
+                | ExecMsg::Signal { reply, .. }
+                | ExecMsg::Cancel { reply, .. } => {
+                    let _ = reply.send(Err("execution blocked by non-determinism".into()));
+                }
+                // A blocked run can still be terminated.
+                ExecMsg::Terminate {
+                    kind,
+                    reason,
+                    reply,
+                } => {
+                    let r = state.terminate(kind, reason, &myself).await;
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    }
+                    r?;
+                }
+                _ => {}
             }
             return Ok(());
         }
@@ -270,17 +659,48 @@ impl Actor for ExecutionActor {
                 r?;
             }
             ExecMsg::RetryDue { seq, attempt } => {
-                if state
-                    .pending
-                    .get(&seq)
-                    .is_some_and(|p| p.attempt == attempt)
-                {
+                let Some(p) = state.pending.get(&seq).filter(|p| p.attempt == attempt) else {
+                    return Ok(());
+                };
+                if p.cancel_requested {
+                    // Cancelled in backoff: there is no attempt to wait for.
+                    state.pending.remove(&seq);
+                    let kind = EventKind::ActivityFailed {
+                        seq,
+                        attempt: attempt.saturating_sub(1).max(1),
+                        worker: "orchestrator".into(),
+                        failure: cancelled_failure("the activity"),
+                        retry_in_ms: None,
+                    };
+                    state.resolve(kind, &myself).await?;
+                } else {
                     state.dispatch(&[seq], false).await?;
                 }
             }
-            ExecMsg::Signal { name, input, reply } => {
+            ExecMsg::Signal {
+                name,
+                input,
+                request_id,
+                reply,
+            } => {
+                if let Some(id) = &request_id
+                    && state.seen_signals.contains(id)
+                {
+                    let _ = reply.send(Ok(()));
+                    return Ok(());
+                }
+                if let Some(id) = &request_id {
+                    state.seen_signals.insert(id.clone());
+                }
                 let r = state
-                    .resolve(EventKind::SignalReceived { name, input }, &myself)
+                    .resolve(
+                        EventKind::SignalReceived {
+                            name,
+                            input,
+                            request_id,
+                        },
+                        &myself,
+                    )
                     .await;
                 let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 r?;
@@ -304,7 +724,7 @@ impl Actor for ExecutionActor {
                 if due {
                     let p = state.pending.remove(&seq).expect("pending activity");
                     tracing::warn!(run_id = %state.run.run_id, seq, activity = %p.activity, "activity failed: schedule-to-close timeout");
-                    let failure = baton_transport::wire::Failure {
+                    let failure = Failure {
                         kind: "ScheduleToCloseTimeout".into(),
                         message: format!(
                             "activity {:?} did not complete within its schedule-to-close timeout of {} ms",
@@ -328,15 +748,71 @@ impl Actor for ExecutionActor {
                 let due: Vec<u32> = state
                     .pending
                     .iter()
-                    .filter(|(_, p)| p.due_ms <= now)
+                    .filter(|(_, p)| p.due_ms <= now && !(p.cancel_requested && p.due_ms > 0))
                     .map(|(s, _)| *s)
                     .collect();
                 state.dispatch(&due, true).await?;
+            }
+            ExecMsg::Cancel { reason, reply } => {
+                let r = state.cancel(reason, &myself).await;
+                let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                r?;
+            }
+            ExecMsg::Terminate {
+                kind,
+                reason,
+                reply,
+            } => {
+                let r = state.terminate(kind, reason, &myself).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                }
+                r?;
+            }
+            ExecMsg::ChildStart { seq } => state.start_child(seq, &myself).await?,
+            ExecMsg::ChildPoll { seq } => {
+                let run_id = match state.children.get_mut(&seq) {
+                    Some(c) => {
+                        c.polling = false;
+                        c.run_id.clone()
+                    }
+                    None => None,
+                };
+                if let Some(run_id) = run_id {
+                    state.check_child(seq, run_id, &myself).await?;
+                }
+            }
+            ExecMsg::ChildClosed {
+                seq,
+                run_id,
+                outcome,
+            } => state.on_child_closed(seq, run_id, outcome, &myself).await?,
+            ExecMsg::ExternalSignalDone { seq, failure } => {
+                if state.signals_out.remove(&seq).is_some() {
+                    state
+                        .resolve(EventKind::ExternalSignalResolved { seq, failure }, &myself)
+                        .await?;
+                }
             }
         }
         Ok(())
     }
 }
+
+/// Tells the workers running these activities of a run to stop (they see it at their
+/// next heartbeat).
+async fn mark_cancelled(rt: &Runtime, run_id: &str, seqs: &[u32]) {
+    for &seq in seqs {
+        let key = heartbeat_key(run_id, seq);
+        if let Err(e) = rt.streams.cancels.put(key, "1".into()).await {
+            tracing::warn!(run_id, seq, error = %e, "cancellation mark not stored");
+        }
+    }
+}
+
+/// How often a parent looks whether a running child has closed, in case the child's
+/// notice was lost (the parent was restarting when it closed).
+const CHILD_POLL: Duration = Duration::from_secs(5);
 
 impl ExecState {
     async fn on_report(
@@ -365,12 +841,18 @@ impl ExecState {
                 }
             }
             ActivityOutcome::Failed { failure } => {
-                // No retry whose backoff would run past the schedule-to-close deadline.
+                // No retry whose backoff would run past the schedule-to-close deadline, and
+                // none once the workflow's cancellation has reached the activity.
                 let now = now_ms();
-                let retry = p.options.retry.next_delay(attempt, &failure).filter(|d| {
-                    p.deadline_ms
-                        .is_none_or(|dl| now + (d.as_millis() as u64) < dl)
-                });
+                let retry = p
+                    .options
+                    .retry
+                    .next_delay(attempt, &failure)
+                    .filter(|d| {
+                        p.deadline_ms
+                            .is_none_or(|dl| now + (d.as_millis() as u64) < dl)
+                    })
+                    .filter(|_| !p.cancel_requested);
                 match retry {
                     Some(delay) => {
                         p.attempt += 1;
@@ -406,6 +888,385 @@ impl ExecState {
         self.resolve(first, myself).await
     }
 
+    /// Journals the cancellation request, hands it to the code, and tells the activities
+    /// and children it reaches.
+    async fn cancel(
+        &mut self,
+        reason: String,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        if self.cancel_requested {
+            return Ok(());
+        }
+        self.cancel_requested = true;
+        let fx = apply_cancel(&mut self.pending, &mut self.timers, &mut self.children);
+        tracing::info!(workflow_id = %self.run.workflow_id, run_id = %self.run.run_id, %reason, "cancellation requested");
+        self.resolve(EventKind::WorkflowCancelRequested { reason }, myself)
+            .await?;
+        self.after_cancel(fx, myself).await;
+        Ok(())
+    }
+
+    /// The effects of a journaled cancellation request: marks for the workers (read at
+    /// the activities' heartbeats), cancellation of child runs, and the resolution of what
+    /// waits in backoff. Safe to repeat after a restart.
+    async fn after_cancel(&mut self, fx: CancelEffects, myself: &ActorRef<ExecMsg>) {
+        mark_cancelled(&self.rt, &self.run.run_id, &fx.activities).await;
+        for (seq, attempt) in fx.backoff {
+            let _ = myself.send_message(ExecMsg::RetryDue { seq, attempt });
+        }
+        for seq in fx.unstarted_children {
+            let _ = myself.send_message(ExecMsg::ChildStart { seq });
+        }
+        for run_id in fx.child_runs {
+            let rt = self.rt.clone();
+            let parent = self.run.workflow_id.clone();
+            tokio::spawn(async move {
+                let Some(actor) = rt.find_execution(&run_id).await else {
+                    return;
+                };
+                let reason = format!("parent {parent:?} was cancelled");
+                let r = ractor::call_t!(
+                    actor,
+                    |reply| ExecMsg::Cancel {
+                        reason: reason.clone(),
+                        reply
+                    },
+                    30_000
+                );
+                if let Err(e) = r {
+                    tracing::warn!(%run_id, error = %e, "child not cancelled");
+                }
+            });
+        }
+    }
+
+    /// Closes the run from outside its code.
+    async fn terminate(
+        &mut self,
+        kind: String,
+        reason: String,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        if self.run.closed_ms.is_some() {
+            return Ok(());
+        }
+        tracing::warn!(workflow_id = %self.run.workflow_id, run_id = %self.run.run_id, %kind, %reason, "workflow closed from outside");
+        let running: Vec<u32> = self.pending.keys().copied().collect();
+        let child_runs: Vec<String> = self
+            .children
+            .values()
+            .filter_map(|c| c.run_id.clone())
+            .collect();
+        self.record(
+            now_ms(),
+            vec![EventKind::WorkflowTerminated { kind, reason }],
+            Vec::new(),
+            myself,
+        )
+        .await?;
+        mark_cancelled(&self.rt, &self.run.run_id, &running).await;
+        // Children are asked to cancel (Temporal's `request_cancel` parent-close policy).
+        let fx = CancelEffects {
+            child_runs,
+            ..Default::default()
+        };
+        self.after_cancel(fx, myself).await;
+        Ok(())
+    }
+
+    /// Starts the current attempt of a child workflow, idempotently: the child's run ID is
+    /// derived from this run, the child's seq and the attempt, so a start repeated after a
+    /// crash finds the run it created.
+    async fn start_child(
+        &mut self,
+        seq: u32,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(c) = self.children.get(&seq) else {
+            return Ok(());
+        };
+        if self.run.closed_ms.is_some() {
+            return Ok(());
+        }
+        if let Some(run_id) = c.run_id.clone() {
+            return self.check_child(seq, run_id, myself).await;
+        }
+        let now = now_ms();
+        if c.due_ms > now {
+            return Ok(());
+        }
+        let attempt = c.attempt;
+        let fail = |failure: Failure| EventKind::ChildWorkflowFailed {
+            seq,
+            attempt,
+            run_id: None,
+            failure,
+            retry_in_ms: None,
+        };
+        if c.cancel_requested {
+            self.children.remove(&seq);
+            return self
+                .resolve(fail(cancelled_failure("the child workflow")), myself)
+                .await;
+        }
+        let def = match self.rt.registry.workflow_def(&c.workflow_type) {
+            Some(def) => def,
+            None => {
+                let failure = Failure {
+                    kind: "UnknownWorkflowType".into(),
+                    message: format!("no workflow type {:?}", c.workflow_type),
+                    retryable: false,
+                };
+                self.children.remove(&seq);
+                return self.resolve(fail(failure), myself).await;
+            }
+        };
+        if let Err(e) = def.check_input(&c.input) {
+            let failure = Failure {
+                kind: "BadInput".into(),
+                message: format!("input does not fit workflow {:?}: {e}", c.workflow_type),
+                retryable: false,
+            };
+            self.children.remove(&seq);
+            return self.resolve(fail(failure), myself).await;
+        }
+        let run_id = format!("{}-{seq}-{attempt}", self.run.run_id);
+        let record = RunRecord {
+            workflow_id: c.workflow_id.clone(),
+            run_id: run_id.clone(),
+            workflow_type: c.workflow_type.clone(),
+            status: RunStatus::Running,
+            started_ms: now,
+            closed_ms: None,
+            last_event_id: 1,
+            parent: Some(ParentRef {
+                workflow_id: self.run.workflow_id.clone(),
+                run_id: self.run.run_id.clone(),
+                seq,
+            }),
+            deadline_ms: c.options.execution_timeout_ms.map(|t| now + t),
+        };
+        let started = Event {
+            id: 1,
+            at_ms: now,
+            kind: EventKind::WorkflowStarted {
+                workflow_type: c.workflow_type.clone(),
+                workflow_id: c.workflow_id.clone(),
+                input: c.input.clone(),
+            },
+        };
+        let policies = IdPolicies {
+            reuse: IdReusePolicy::AllowDuplicate,
+            conflict: IdConflictPolicy::Fail,
+        };
+        let outcome = self
+            .rt
+            .journal
+            .start_with(record.clone(), vec![started.clone()], policies)
+            .await?;
+        match outcome {
+            StartOutcome::Started => {
+                tracing::info!(parent = %self.run.workflow_id, workflow_id = %record.workflow_id, %run_id, "child workflow started");
+                self.rt.spawn_run(record, vec![started]);
+            }
+            StartOutcome::Duplicate(r) | StartOutcome::AlreadyRunning(r) if r.run_id == run_id => {
+                // Created before a crash: carry on with it.
+            }
+            StartOutcome::Duplicate(r) | StartOutcome::AlreadyRunning(r) => {
+                let failure = Failure {
+                    kind: "WorkflowAlreadyStarted".into(),
+                    message: format!(
+                        "workflow {:?} is already running (run {})",
+                        r.workflow_id, r.run_id
+                    ),
+                    retryable: false,
+                };
+                self.children.remove(&seq);
+                return self.resolve(fail(failure), myself).await;
+            }
+        }
+        if let Some(c) = self.children.get_mut(&seq) {
+            c.run_id = Some(run_id.clone());
+        }
+        self.record(
+            now_ms(),
+            vec![EventKind::ChildWorkflowStarted {
+                seq,
+                attempt,
+                run_id: run_id.clone(),
+            }],
+            Vec::new(),
+            myself,
+        )
+        .await?;
+        self.check_child(seq, run_id, myself).await
+    }
+
+    /// Applies a child's close if its run has closed; otherwise makes sure a poll is armed.
+    async fn check_child(
+        &mut self,
+        seq: u32,
+        run_id: String,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let closed = match self.rt.journal.run(&run_id)? {
+            Some(r) if r.status != RunStatus::Running => self
+                .rt
+                .journal
+                .history(&run_id)?
+                .last()
+                .and_then(|e| ChildOutcome::of_close(&e.kind)),
+            _ => None,
+        };
+        match closed {
+            Some(outcome) => self.on_child_closed(seq, run_id, outcome, myself).await,
+            None => {
+                if let Some(c) = self.children.get_mut(&seq)
+                    && !c.polling
+                {
+                    c.polling = true;
+                    myself.send_after(CHILD_POLL, move || ExecMsg::ChildPoll { seq });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_child_closed(
+        &mut self,
+        seq: u32,
+        run_id: String,
+        outcome: ChildOutcome,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(c) = self.children.get_mut(&seq) else {
+            return Ok(());
+        };
+        if c.run_id.as_deref() != Some(run_id.as_str()) {
+            return Ok(());
+        }
+        match outcome {
+            ChildOutcome::Completed(result) => {
+                self.children.remove(&seq);
+                self.resolve(
+                    EventKind::ChildWorkflowCompleted {
+                        seq,
+                        run_id,
+                        result,
+                    },
+                    myself,
+                )
+                .await
+            }
+            ChildOutcome::ContinuedAs(next) => {
+                c.run_id = Some(next.clone());
+                let attempt = c.attempt;
+                self.record(
+                    now_ms(),
+                    vec![EventKind::ChildWorkflowStarted {
+                        seq,
+                        attempt,
+                        run_id: next.clone(),
+                    }],
+                    Vec::new(),
+                    myself,
+                )
+                .await?;
+                myself.send_message(ExecMsg::ChildStart { seq })?;
+                Ok(())
+            }
+            ChildOutcome::Failed(failure) => {
+                // A child's failure is retried by its policy whatever the failure says of
+                // itself (a workflow's errors are final for the workflow, not for the
+                // parent's retry), except cancellation and termination.
+                let mut as_retryable = failure.clone();
+                as_retryable.retryable =
+                    !matches!(failure.kind.as_str(), "Cancelled" | "Terminated");
+                let retry = match (&c.options.retry, c.cancel_requested) {
+                    (Some(policy), false) => policy.next_delay(c.attempt, &as_retryable),
+                    _ => None,
+                };
+                let attempt = c.attempt;
+                match retry {
+                    Some(delay) => {
+                        let now = now_ms();
+                        c.attempt += 1;
+                        c.run_id = None;
+                        c.due_ms = now + delay.as_millis() as u64;
+                        tracing::warn!(parent = %self.run.workflow_id, seq, attempt, kind = %failure.kind, "child workflow failed; retrying");
+                        self.record(
+                            now,
+                            vec![EventKind::ChildWorkflowFailed {
+                                seq,
+                                attempt,
+                                run_id: Some(run_id),
+                                failure,
+                                retry_in_ms: Some(delay.as_millis() as u64),
+                            }],
+                            Vec::new(),
+                            myself,
+                        )
+                        .await?;
+                        myself.send_after(delay, move || ExecMsg::ChildStart { seq });
+                        Ok(())
+                    }
+                    None => {
+                        self.children.remove(&seq);
+                        self.resolve(
+                            EventKind::ChildWorkflowFailed {
+                                seq,
+                                attempt,
+                                run_id: Some(run_id),
+                                failure,
+                                retry_in_ms: None,
+                            },
+                            myself,
+                        )
+                        .await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers an external signal in the background; the outcome comes back as
+    /// `ExternalSignalDone`. The request ID makes a repeated delivery count once.
+    fn send_external_signal(&self, seq: u32, myself: &ActorRef<ExecMsg>) {
+        let Some(out) = self.signals_out.get(&seq) else {
+            return;
+        };
+        let rt = self.rt.clone();
+        let me = myself.clone();
+        let (workflow_id, name, input) =
+            (out.workflow_id.clone(), out.name.clone(), out.input.clone());
+        let request_id = format!("{}:{seq}", self.run.run_id);
+        tokio::spawn(async move {
+            let r = deliver(&rt, &workflow_id, |reply| ExecMsg::Signal {
+                name: name.clone(),
+                input: input.clone(),
+                request_id: Some(request_id.clone()),
+                reply,
+            })
+            .await;
+            let failure = match r {
+                Ok(_) => None,
+                Err(DeliveryError::Unavailable(m)) => {
+                    // Try again later rather than fail the workflow on a passing fault.
+                    tracing::warn!(%workflow_id, error = %m, "external signal not delivered yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = me.send_message(ExecMsg::ExternalSignalDone {
+                        seq,
+                        failure: Some(DeliveryError::Unavailable(m).failure()),
+                    });
+                    return;
+                }
+                Err(e) => Some(e.failure()),
+            };
+            let _ = me.send_message(ExecMsg::ExternalSignalDone { seq, failure });
+        });
+    }
+
     /// Hands an event that resolves something (an activity's outcome, a timer's firing) to
     /// the workflow, runs it on, and journals the event with whatever the code did next, in
     /// one append. The event carries one timestamp, seen alike live and in replay.
@@ -436,10 +1297,19 @@ impl ExecState {
         commands: Vec<Command>,
         myself: &ActorRef<ExecMsg>,
     ) -> Result<(), ActorProcessingErr> {
+        if self.run.closed_ms.is_some() {
+            // Nothing is recorded after the close (e.g. a child started by code that
+            // returned without waiting for it is not started).
+            tracing::debug!(run_id = %self.run.run_id, "run closed; nothing more recorded");
+            return Ok(());
+        }
+        let given = kinds.len();
         let mut kinds = kinds;
         let mut to_dispatch = Vec::new();
         let mut timers = Vec::new();
-        let mut close = false;
+        let mut to_start = Vec::new();
+        let mut to_signal = Vec::new();
+        let mut continue_as_new = None;
         for command in commands {
             match command {
                 Command::ScheduleActivity {
@@ -457,6 +1327,7 @@ impl ExecState {
                             attempt: 1,
                             due_ms: 0,
                             deadline_ms: options.schedule_to_close_ms.map(|d| at_ms + d),
+                            cancel_requested: false,
                         },
                     );
                     to_dispatch.push(seq);
@@ -473,13 +1344,75 @@ impl ExecState {
                     timers.push((seq, duration_ms));
                     kinds.push(EventKind::TimerStarted { seq, fire_at_ms });
                 }
+                Command::CancelTimer { seq } => {
+                    self.timers.remove(&seq);
+                    kinds.push(EventKind::TimerCancelled { seq });
+                }
+                Command::RecordMarker { patch } => {
+                    kinds.push(EventKind::MarkerRecorded { patch });
+                }
+                Command::StartChild {
+                    seq,
+                    workflow_type,
+                    workflow_id,
+                    input,
+                    options,
+                } => {
+                    self.children.insert(
+                        seq,
+                        Child {
+                            workflow_type: workflow_type.clone(),
+                            workflow_id: workflow_id.clone(),
+                            input: input.clone(),
+                            options: options.clone(),
+                            attempt: 1,
+                            run_id: None,
+                            due_ms: 0,
+                            cancel_requested: false,
+                            polling: false,
+                        },
+                    );
+                    to_start.push(seq);
+                    kinds.push(EventKind::ChildWorkflowScheduled {
+                        seq,
+                        workflow_type,
+                        workflow_id,
+                        input,
+                        options,
+                    });
+                }
+                Command::SignalExternal {
+                    seq,
+                    workflow_id,
+                    name,
+                    input,
+                } => {
+                    self.signals_out.insert(
+                        seq,
+                        OutSignal {
+                            workflow_id: workflow_id.clone(),
+                            name: name.clone(),
+                            input: input.clone(),
+                        },
+                    );
+                    to_signal.push(seq);
+                    kinds.push(EventKind::ExternalSignalScheduled {
+                        seq,
+                        workflow_id,
+                        name,
+                        input,
+                    });
+                }
                 Command::CompleteWorkflow { output } => {
-                    close = true;
                     kinds.push(EventKind::WorkflowCompleted { output });
                 }
                 Command::FailWorkflow { failure } => {
-                    close = true;
                     kinds.push(EventKind::WorkflowFailed { failure });
+                }
+                Command::ContinueAsNew { input } => {
+                    let new_run_id = uuid::Uuid::new_v4().simple().to_string();
+                    continue_as_new = Some((new_run_id.clone(), input.clone()));
+                    kinds.push(EventKind::WorkflowContinuedAsNew { new_run_id, input });
                 }
             }
         }
@@ -495,17 +1428,54 @@ impl ExecState {
                 kind,
             })
             .collect();
+        let close = events.iter().find(|e| e.kind.is_close()).cloned();
+        // Continue-as-new: the next run is created in the same transaction, with the
+        // signals this run received and did not consume.
+        let successor = continue_as_new.map(|(new_run_id, input)| {
+            let mut first = vec![Event {
+                id: 1,
+                at_ms,
+                kind: EventKind::WorkflowStarted {
+                    workflow_type: self.run.workflow_type.clone(),
+                    workflow_id: self.run.workflow_id.clone(),
+                    input,
+                },
+            }];
+            for (name, input) in self.exec.unconsumed_signals() {
+                first.push(Event {
+                    id: first.len() as u32 + 1,
+                    at_ms,
+                    kind: EventKind::SignalReceived {
+                        name,
+                        input,
+                        request_id: None,
+                    },
+                });
+            }
+            let record = RunRecord {
+                workflow_id: self.run.workflow_id.clone(),
+                run_id: new_run_id,
+                workflow_type: self.run.workflow_type.clone(),
+                status: RunStatus::Running,
+                started_ms: at_ms,
+                closed_ms: None,
+                last_event_id: first.len() as u32,
+                parent: self.run.parent.clone(),
+                deadline_ms: self.run.deadline_ms,
+            };
+            (record, first)
+        });
         self.rt
             .journal
-            .append(&self.run.run_id, events.clone())
+            .append_with(&self.run.run_id, events.clone(), successor.clone())
             .await?;
         self.next_event_id += events.len() as u32;
         self.run.last_event_id = self.next_event_id - 1;
-        for e in &events {
-            if matches!(
-                e.kind,
-                EventKind::ActivityScheduled { .. } | EventKind::TimerStarted { .. }
-            ) {
+        if close.is_some() {
+            self.run.closed_ms = Some(at_ms);
+        }
+        for e in &events[given..] {
+            if !e.kind.is_close() {
                 self.exec.apply(e)?;
             }
         }
@@ -524,10 +1494,36 @@ impl ExecState {
             }
         }
         self.dispatch(&to_dispatch, false).await?;
-        if close {
-            self.run.closed_ms = Some(at_ms);
+        // Children start before this step's signals leave, so a signal the code sends a
+        // child it has just started finds it.
+        for seq in to_start {
+            Box::pin(self.start_child(seq, myself)).await?;
+        }
+        for seq in to_signal {
+            self.send_external_signal(seq, myself);
+        }
+        if let Some(close) = close {
             tracing::info!(workflow_id = %self.run.workflow_id, run_id = %self.run.run_id,
-                outcome = events.last().map_or("", |e| e.kind.name()), "workflow closed");
+                outcome = close.kind.name(), "workflow closed");
+            if let Some((record, first)) = successor {
+                tracing::info!(workflow_id = %record.workflow_id, run_id = %record.run_id, "continued as new");
+                self.rt.spawn_run(record, first);
+            }
+            if let (Some(parent), Some(outcome)) =
+                (self.run.parent.clone(), ChildOutcome::of_close(&close.kind))
+            {
+                let rt = self.rt.clone();
+                let run_id = self.run.run_id.clone();
+                tokio::spawn(async move {
+                    if let Some(actor) = rt.find_execution(&parent.run_id).await {
+                        let _ = actor.send_message(ExecMsg::ChildClosed {
+                            seq: parent.seq,
+                            run_id,
+                            outcome,
+                        });
+                    }
+                });
+            }
             let _ = self.rt.closed.send(self.run.workflow_id.clone());
             myself.stop(Some("closed".into()));
         }

@@ -24,9 +24,12 @@ pub mod replay;
 pub mod worker;
 
 pub use activity::{ActivityContext, ActivityInfo};
-pub use context::{ActivityDef, ActivityFuture, Command, WorkflowContext};
+pub use context::{
+    ActivityDef, ActivityFuture, CancelledFuture, Command, ResultFuture, TimerFuture, TimerId,
+    WorkflowContext,
+};
 pub use error::{ActivityError, Nondeterminism, WorkflowError};
-pub use options::{ActivityOptions, RetryPolicy};
+pub use options::{ActivityOptions, CancellationType, ChildOptions, RetryPolicy};
 pub use registry::{ActivityFn, Policies, Registry, WorkflowDef, WorkflowFn};
 pub use replay::Execution;
 

@@ -10,8 +10,11 @@
 //!   dies, the task is redelivered to another worker once `TASK_ACK_WAIT` passes.
 
 use std::{
-    collections::HashMap,
-    sync::Arc,
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -47,6 +50,7 @@ pub struct PoolHandle {
     /// The supervisor that keeps a pool actor running.
     pub supervisor: ActorRef<SupervisorMsg>,
     join: tokio::task::JoinHandle<()>,
+    watch: tokio::task::JoinHandle<()>,
 }
 
 impl PoolHandle {
@@ -64,6 +68,7 @@ impl PoolHandle {
 
     /// Stops the pool (running activities are abandoned; their tasks are redelivered).
     pub async fn stop(self) {
+        self.watch.abort();
         self.supervisor.stop(None);
         let _ = self.join.await;
     }
@@ -173,14 +178,46 @@ pub async fn start_pool(
 ) -> Result<PoolHandle, ActorProcessingErr> {
     baton_transport::ids::validate_name("task queue", &options.queue)?;
     let consumer = streams.queue_consumer(&options.queue).await?;
+    let cancels = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let watch = tokio::spawn(watch_cancels(streams.cancels.clone(), cancels.clone()));
     let args = PoolArgs {
         streams,
         consumer,
         registry,
         options,
+        cancels,
     };
     let (supervisor, join) = Actor::spawn(None, PoolSupervisor, args).await?;
-    Ok(PoolHandle { supervisor, join })
+    Ok(PoolHandle {
+        supervisor,
+        join,
+        watch,
+    })
+}
+
+/// Keeps `set` equal to the keys of the cancellation bucket (marks already there, then each
+/// new one), re-watching after an error.
+async fn watch_cancels(kv: jetstream::kv::Store, set: Arc<std::sync::Mutex<HashSet<String>>>) {
+    loop {
+        match kv.watch_with_history(">").await {
+            Ok(mut watch) => {
+                while let Some(entry) = watch.next().await {
+                    match entry {
+                        Ok(e) if e.operation == jetstream::kv::Operation::Put => {
+                            set.lock().expect("cancels lock").insert(e.key);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cancellation watch failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cancellation watch not started"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Messages of a pool.
@@ -221,6 +258,9 @@ pub struct PoolArgs {
     consumer: PullConsumer,
     registry: Arc<Registry>,
     options: PoolOptions,
+    /// Activities (`<run_id>.<seq>`) whose workflow asked them to stop, fed by a watch on
+    /// the `BATON_CANCELS` bucket.
+    cancels: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 struct Running {
@@ -489,10 +529,22 @@ async fn start_task(
         None => None,
     };
     let pool = myself.clone();
+    // The workflow's cancellation reaches the activity at its heartbeats (and at once when
+    // it was requested before this attempt started).
+    let cancel_key = heartbeat_key(&task.run_id, task.seq);
+    let cancels = state.args.cancels.clone();
+    let cancelled = Arc::new(AtomicBool::new(
+        cancels.lock().expect("cancels lock").contains(&cancel_key),
+    ));
+    let flag = cancelled.clone();
     let ctx = ActivityContext::new(info, move |details| {
+        if cancels.lock().expect("cancels lock").contains(&cancel_key) {
+            flag.store(true, Ordering::Release);
+        }
         let _ = pool.send_message(PoolMsg::Heartbeat { key, details });
     })
-    .with_details(details);
+    .with_details(details)
+    .with_cancel_flag(cancelled);
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
     tracing::info!(activity = %task.activity, workflow_id = %task.workflow_id, run_id = %task.run_id, seq = task.seq,
         attempt = task.attempt, delivered, "activity started");

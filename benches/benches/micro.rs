@@ -76,6 +76,8 @@ fn record(wf: &str) -> RunRecord {
         started_ms: 1,
         closed_ms: None,
         last_event_id: 1,
+        parent: None,
+        deadline_ms: None,
     }
 }
 

@@ -88,6 +88,36 @@ enum Cmd {
         /// Wait for the result and print it.
         #[arg(long)]
         wait: bool,
+        /// Signal-with-start: deliver this signal to the ID's running run, or start a run
+        /// with it.
+        #[arg(long)]
+        signal: Option<String>,
+        /// The signal's payload, as JSON.
+        #[arg(long, default_value = "null", requires = "signal")]
+        signal_input: String,
+        /// Close the workflow as timed out after this many milliseconds.
+        #[arg(long)]
+        execution_timeout_ms: Option<u64>,
+    },
+    /// Request cancellation of a workflow: its code sees it and decides how to end.
+    Cancel {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// The workflow ID.
+        id: String,
+        /// Why (recorded in its history).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Terminate a workflow: close it at once without running its code.
+    Terminate {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// The workflow ID.
+        id: String,
+        /// Why (recorded in its history).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Print a workflow's result.
     Result {
@@ -147,7 +177,8 @@ enum Cmd {
     List {
         #[command(flatten)]
         nats: NatsArgs,
-        /// Only this status: running, completed, failed.
+        /// Only this status: running, completed, failed, cancelled, terminated, timed_out,
+        /// continued_as_new.
         #[arg(long)]
         status: Option<String>,
         /// At most this many.
@@ -393,6 +424,24 @@ async fn ctrl_c() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// `baton cancel` and `baton terminate`.
+async fn close(
+    nats: &NatsArgs,
+    verb: &str,
+    id: &str,
+    reason: Option<String>,
+) -> anyhow::Result<()> {
+    let c = EdgeClient::connect(&nats.nats_url).await?;
+    print_json(
+        &c.api(
+            verb,
+            serde_json::json!({"workflow_id": id, "reason": reason}),
+        )
+        .await?
+        .map_err(api_error)?,
+    )
+}
+
 #[tokio::main]
 async fn main() {
     if let Err(e) = run(Cli::parse()).await {
@@ -457,6 +506,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             input,
             id,
             wait,
+            signal,
+            signal_input,
+            execution_timeout_ms,
         } => {
             let input = match input.strip_prefix('@') {
                 Some(path) => std::fs::read_to_string(path)
@@ -465,8 +517,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let input: serde_json::Value =
                 serde_json::from_str(&input).context("--input is not valid JSON")?;
+            let signal = match signal {
+                Some(name) => Some(baton_transport::wire::StartSignal {
+                    name,
+                    input: serde_json::from_str(&signal_input)
+                        .context("--signal-input is not valid JSON")?,
+                }),
+                None => None,
+            };
+            let request = baton_transport::wire::StartRequest {
+                workflow_id: id,
+                input,
+                signal,
+                execution_timeout_ms,
+                ..Default::default()
+            };
             let c = EdgeClient::connect(&nats.nats_url).await?;
-            let started = c.start(&workflow, id, input).await?.map_err(api_error)?;
+            let started = c
+                .start_with(&workflow, &request)
+                .await?
+                .map_err(api_error)?;
             print_json(&started)?;
             if wait {
                 print_result(
@@ -525,6 +595,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(api_error)?,
             )?;
         }
+        Cmd::Cancel { nats, id, reason } => close(&nats, "cancel", &id, reason).await?,
+        Cmd::Terminate { nats, id, reason } => close(&nats, "terminate", &id, reason).await?,
         Cmd::Query { nats, id, name } => {
             let c = EdgeClient::connect(&nats.nats_url).await?;
             let r = c

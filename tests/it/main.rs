@@ -8,3 +8,4 @@ mod harness_smoke;
 mod ingest;
 mod pipeline;
 mod runtime;
+mod semantics;
