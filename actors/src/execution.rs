@@ -20,6 +20,7 @@ use baton_transport::{
     subject,
     wire::{
         ActivityOutcome, ActivityReport, ActivityTask, Failure, IdConflictPolicy, IdReusePolicy,
+        Liveness,
     },
 };
 use ractor::{
@@ -232,6 +233,28 @@ pub(crate) enum ExecMsg {
     },
     /// An external signal was delivered (no failure) or could not be.
     ExternalSignalDone { seq: u32, failure: Option<Failure> },
+    /// Check an attempt's schedule-to-start and heartbeat timeouts against what its worker
+    /// recorded in `BATON_LIVENESS`.
+    AttemptCheck { seq: u32, attempt: u32 },
+}
+
+/// How long past its heartbeat timeout an attempt may go unheard by the orchestrator before
+/// it fails it: twice the timeout (the worker's pool enforces the timeout itself and kills
+/// the runner; this catches a worker process that is frozen or cut off) plus the second
+/// by which the pool batches liveness writes.
+fn heartbeat_limit_ms(timeout_ms: u64) -> u64 {
+    2 * timeout_ms + 1_000
+}
+
+/// When to first look at a dispatched attempt, if the orchestrator watches it.
+fn first_check(options: &ActivityOptions) -> Option<Duration> {
+    let sts = options.schedule_to_start_ms;
+    let hb = options.heartbeat_timeout_ms.map(heartbeat_limit_ms);
+    match (sts, hb) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+    .map(Duration::from_millis)
 }
 
 struct Pending {
@@ -247,6 +270,9 @@ struct Pending {
     /// The workflow's cancellation reached it (`wait_cancellation_completed`): no more
     /// retries; the next report resolves it.
     cancel_requested: bool,
+    /// When the current attempt was last dispatched (Unix ms; 0 before), for its
+    /// schedule-to-start timeout.
+    dispatched_ms: u64,
 }
 
 struct Child {
@@ -428,6 +454,7 @@ impl Actor for ExecutionActor {
                             due_ms: 0,
                             deadline_ms: options.schedule_to_close_ms.map(|d| event.at_ms + d),
                             cancel_requested: false,
+                            dispatched_ms: 0,
                         },
                     );
                 }
@@ -674,7 +701,7 @@ impl Actor for ExecutionActor {
                     };
                     state.resolve(kind, &myself).await?;
                 } else {
-                    state.dispatch(&[seq], false).await?;
+                    state.dispatch(&[seq], false, &myself).await?;
                 }
             }
             ExecMsg::Signal {
@@ -751,7 +778,7 @@ impl Actor for ExecutionActor {
                     .filter(|(_, p)| p.due_ms <= now && !(p.cancel_requested && p.due_ms > 0))
                     .map(|(s, _)| *s)
                     .collect();
-                state.dispatch(&due, true).await?;
+                state.dispatch(&due, true, &myself).await?;
             }
             ExecMsg::Cancel { reason, reply } => {
                 let r = state.cancel(reason, &myself).await;
@@ -787,6 +814,9 @@ impl Actor for ExecutionActor {
                 run_id,
                 outcome,
             } => state.on_child_closed(seq, run_id, outcome, &myself).await?,
+            ExecMsg::AttemptCheck { seq, attempt } => {
+                state.check_attempt(seq, attempt, &myself).await?
+            }
             ExecMsg::ExternalSignalDone { seq, failure } => {
                 if state.signals_out.remove(&seq).is_some() {
                     state
@@ -886,6 +916,97 @@ impl ExecState {
             }
         };
         self.resolve(first, myself).await
+    }
+
+    /// The orchestrator's side of schedule-to-start and heartbeat timeouts: reads what the
+    /// worker recorded of the attempt and fails it (as a report from "orchestrator", so the
+    /// retry policy applies and a late report of the attempt is dropped) or looks again.
+    async fn check_attempt(
+        &mut self,
+        seq: u32,
+        attempt: u32,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = now_ms();
+        let Some(p) = self
+            .pending
+            .get(&seq)
+            .filter(|p| p.attempt == attempt && p.due_ms <= now && p.dispatched_ms > 0)
+        else {
+            return Ok(());
+        };
+        let (sts, hb, dispatched) = (
+            p.options.schedule_to_start_ms,
+            p.options.heartbeat_timeout_ms,
+            p.dispatched_ms,
+        );
+        let key = heartbeat_key(&self.run.run_id, seq);
+        let entry = match self.rt.streams.liveness.entry(key).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(run_id = %self.run.run_id, seq, error = %e, "liveness not readable; looking again");
+                myself.send_after(Duration::from_secs(1), move || ExecMsg::AttemptCheck {
+                    seq,
+                    attempt,
+                });
+                return Ok(());
+            }
+        };
+        let started_at = entry.and_then(|e| {
+            let live: Liveness = codec::decode(&e.value).ok()?;
+            (live.attempt == attempt)
+                .then(|| (e.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+        });
+        let (failure, next) = match (started_at, sts, hb) {
+            (None, Some(sts), _) if now >= dispatched + sts => (
+                Some((
+                    "ScheduleToStartTimeout",
+                    format!("no worker started the attempt within {sts} ms"),
+                    false,
+                )),
+                None,
+            ),
+            (None, Some(sts), _) => (None, Some(dispatched + sts - now)),
+            // Not started and no schedule-to-start: nothing to enforce until it starts.
+            (None, None, Some(hb)) => (None, Some(heartbeat_limit_ms(hb))),
+            (Some(at), _, Some(hb)) if now > at + heartbeat_limit_ms(hb) => (
+                Some((
+                    "HeartbeatTimeout",
+                    format!(
+                        "the orchestrator heard nothing of the attempt for {} ms (heartbeat timeout {hb} ms)",
+                        now - at
+                    ),
+                    true,
+                )),
+                None,
+            ),
+            (Some(at), _, Some(hb)) => (None, Some(at + heartbeat_limit_ms(hb) + 1 - now)),
+            _ => (None, None),
+        };
+        if let Some(wait) = next {
+            myself.send_after(Duration::from_millis(wait.max(1)), move || {
+                ExecMsg::AttemptCheck { seq, attempt }
+            });
+        }
+        if let Some((kind, message, retryable)) = failure {
+            tracing::warn!(run_id = %self.run.run_id, seq, attempt, kind, "attempt failed by the orchestrator");
+            let report = ActivityReport {
+                workflow_id: self.run.workflow_id.clone(),
+                run_id: self.run.run_id.clone(),
+                seq,
+                attempt,
+                worker: "orchestrator".into(),
+                outcome: ActivityOutcome::Failed {
+                    failure: Failure {
+                        kind: kind.into(),
+                        message,
+                        retryable,
+                    },
+                },
+            };
+            self.on_report(report, myself).await?;
+        }
+        Ok(())
     }
 
     /// Journals the cancellation request, hands it to the code, and tells the activities
@@ -1328,6 +1449,7 @@ impl ExecState {
                             due_ms: 0,
                             deadline_ms: options.schedule_to_close_ms.map(|d| at_ms + d),
                             cancel_requested: false,
+                            dispatched_ms: 0,
                         },
                     );
                     to_dispatch.push(seq);
@@ -1493,7 +1615,7 @@ impl ExecState {
                 myself.send_after(Duration::from_millis(d), move || ExecMsg::Deadline { seq });
             }
         }
-        self.dispatch(&to_dispatch, false).await?;
+        self.dispatch(&to_dispatch, false, myself).await?;
         // Children start before this step's signals leave, so a signal the code sends a
         // child it has just started finds it.
         for seq in to_start {
@@ -1536,12 +1658,22 @@ impl ExecState {
         &mut self,
         seqs: &[u32],
         check_queued: bool,
+        myself: &ActorRef<ExecMsg>,
     ) -> Result<(), ActorProcessingErr> {
         let mut acks = Vec::with_capacity(seqs.len());
+        let now = now_ms();
         for seq in seqs {
-            let Some(p) = self.pending.get(seq) else {
+            let Some(p) = self.pending.get_mut(seq) else {
                 continue;
             };
+            // Schedule-to-start and heartbeat timeouts are watched from now (after a
+            // restart too: never earlier than they were due).
+            p.dispatched_ms = now;
+            if let Some(first) = first_check(&p.options) {
+                let (seq, attempt) = (*seq, p.attempt);
+                myself.send_after(first, move || ExecMsg::AttemptCheck { seq, attempt });
+            }
+            let p = &self.pending[seq];
             let task_subject =
                 subject::task(&p.options.task_queue, &self.run.run_id, *seq, p.attempt);
             if check_queued && self.rt.streams.task_is_queued(&task_subject).await? {
@@ -1557,6 +1689,7 @@ impl ExecState {
                 input: p.input.clone(),
                 start_to_close_ms: p.options.start_to_close_ms,
                 heartbeat_timeout_ms: p.options.heartbeat_timeout_ms,
+                liveness: p.options.schedule_to_start_ms.is_some(),
             };
             let mut headers = HeaderMap::new();
             headers.insert(

@@ -77,6 +77,11 @@ pub struct ActivityOptions {
     /// deadline, never waited on forever.
     #[serde(default)]
     pub schedule_to_close_ms: Option<u64>,
+    /// Longest an attempt may wait in its queue before a worker starts it, in milliseconds
+    /// (detects "no worker polls this queue"). Enforced by the orchestrator; the attempt
+    /// fails with `ScheduleToStartTimeout`, which is not retried.
+    #[serde(default)]
+    pub schedule_to_start_ms: Option<u64>,
     /// The retry policy.
     pub retry: RetryPolicy,
     /// What cancelling the workflow does to this activity.
@@ -151,6 +156,7 @@ impl ActivityOptions {
             start_to_close_ms: start_to_close.as_millis() as u64,
             heartbeat_timeout_ms: None,
             schedule_to_close_ms: None,
+            schedule_to_start_ms: None,
             retry,
             cancellation: CancellationType::default(),
         }
@@ -165,6 +171,12 @@ impl ActivityOptions {
     /// Sets the end-to-end deadline (schedule-to-close).
     pub fn schedule_to_close(mut self, timeout: Duration) -> Self {
         self.schedule_to_close_ms = Some(timeout.as_millis() as u64);
+        self
+    }
+
+    /// Fails an attempt that no worker starts within `timeout` (schedule-to-start).
+    pub fn schedule_to_start(mut self, timeout: Duration) -> Self {
+        self.schedule_to_start_ms = Some(timeout.as_millis() as u64);
         self
     }
 

@@ -23,7 +23,7 @@ use baton_transport::{
     Payload, codec,
     jetstream::{Streams, heartbeat_key},
     subject,
-    wire::{ActivityOutcome, ActivityReport, ActivityTask, Failure},
+    wire::{ActivityOutcome, ActivityReport, ActivityTask, Failure, Liveness},
 };
 use futures::StreamExt;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -269,6 +269,9 @@ struct Running {
     runner: ActorRef<RunnerMsg>,
     started: Instant,
     last_heartbeat: Instant,
+    /// When the orchestrator was last told this attempt is alive (`BATON_LIVENESS`), for
+    /// attempts it watches.
+    liveness_written: Option<Instant>,
     /// Set when the pool killed the runner, with the failure to report.
     killed: Option<Failure>,
 }
@@ -555,6 +558,11 @@ async fn start_task(
         key,
         pool: myself.clone(),
     };
+    // The orchestrator watches this attempt's start and heartbeats: tell it it started.
+    let watched = task.liveness || task.heartbeat_timeout_ms.is_some();
+    if watched {
+        write_liveness(state, &task).await;
+    }
     let (runner, _) = Actor::spawn_linked(None, Runner, args, myself.get_cell()).await?;
     let now = Instant::now();
     state.by_actor.insert(runner.get_id(), key);
@@ -566,10 +574,31 @@ async fn start_task(
             runner,
             started: now,
             last_heartbeat: now,
+            liveness_written: watched.then_some(now),
             killed: None,
         },
     );
     Ok(())
+}
+
+/// Records in `BATON_LIVENESS` that this worker runs the task's attempt (the entry's server
+/// time says when).
+async fn write_liveness(state: &PoolState, task: &ActivityTask) {
+    let live = Liveness {
+        attempt: task.attempt,
+        worker: state.args.options.worker_id.clone(),
+    };
+    let bytes = match codec::encode(&live) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "liveness not encodable");
+            return;
+        }
+    };
+    let key = heartbeat_key(&task.run_id, task.seq);
+    if let Err(e) = state.args.streams.liveness.put(key, bytes.into()).await {
+        tracing::warn!(error = %e, run_id = %task.run_id, seq = task.seq, "liveness not stored");
+    }
 }
 
 /// Publishes the report (waiting for JetStream to store it), then acks the task.
@@ -682,6 +711,24 @@ async fn tick(state: &mut PoolState) {
         }
         if let Err(e) = r.message.ack_with(AckKind::Progress).await {
             tracing::warn!(error = %e, "progress ack failed");
+        }
+    }
+    // Heartbeats since the last tick reach the orchestrator (at most one write a second
+    // per watched attempt).
+    let fresh: Vec<u64> = state
+        .running
+        .iter()
+        .filter(|(_, r)| {
+            r.killed.is_none() && r.liveness_written.is_some_and(|w| r.last_heartbeat > w)
+        })
+        .map(|(k, _)| *k)
+        .collect();
+    for key in fresh {
+        if let Some(task) = state.running.get(&key).map(|r| r.task.clone()) {
+            write_liveness(state, &task).await;
+        }
+        if let Some(r) = state.running.get_mut(&key) {
+            r.liveness_written = Some(now);
         }
     }
 }

@@ -28,6 +28,7 @@ fn task() -> ActivityTask {
         input: Payload::encode("hello world, this is a test input!").unwrap(),
         start_to_close_ms: 120_000,
         heartbeat_timeout_ms: Some(30_000),
+        liveness: false,
     }
 }
 

@@ -32,6 +32,12 @@ const ECHO: ActivityDef<String, String> = ActivityDef::new("sem_echo");
 const ALWAYS_FAILS: ActivityDef<String, String> = ActivityDef::new("sem_always_fails");
 const HANGS_ONCE: ActivityDef<u32, u32> = ActivityDef::new("sem_hangs_once");
 const FLAKY_CHILD_STEP: ActivityDef<String, String> = ActivityDef::new("sem_flaky_child_step");
+const UNPOLLED: ActivityDef<String, String> = ActivityDef::new("sem_unpolled");
+const WATCHED: ActivityDef<String, String> = ActivityDef::new("sem_watched");
+/// A queue no worker polls.
+const NOBODY: &str = "sem-nobody";
+/// A queue whose first worker freezes (played by the test).
+const FROZEN: &str = "sem-frozen";
 
 /// What the activities saw, by workflow ID (tests run in parallel; IDs are unique).
 static SEEN: LazyLock<Mutex<HashMap<String, Vec<String>>>> = LazyLock::new(Default::default);
@@ -217,8 +223,40 @@ async fn heartbeats(ctx: WorkflowContext, _: ()) -> Result<u32, WorkflowError> {
     Ok(ctx.activity(&HANGS_ONCE, &7).await?)
 }
 
+/// Calls an activity of a queue nobody polls; reports its error.
+async fn unpolled(ctx: WorkflowContext, _: ()) -> Result<String, WorkflowError> {
+    match ctx.activity(&UNPOLLED, &"x".to_string()).await {
+        Ok(v) => Ok(v),
+        Err(e) => Ok(format!("fallback after {}", e.kind)),
+    }
+}
+
+/// Calls an activity with a heartbeat timeout, watched by the orchestrator.
+async fn watched(ctx: WorkflowContext, _: ()) -> Result<String, WorkflowError> {
+    Ok(ctx.activity(&WATCHED, &"x".to_string()).await?)
+}
+
 fn registry() -> Registry {
     let mut r = Registry::new();
+    r.workflow("sem_unpolled", unpolled).unwrap();
+    r.workflow("sem_watched", watched).unwrap();
+    r.activity(
+        &UNPOLLED,
+        ActivityOptions::new(NOBODY, Duration::from_secs(10), quick_retry(3))
+            .schedule_to_start(Duration::from_millis(300)),
+        |_, s: String| async move { Ok(s) },
+    )
+    .unwrap();
+    r.activity(
+        &WATCHED,
+        ActivityOptions::new(FROZEN, Duration::from_secs(30), quick_retry(3))
+            .heartbeat_timeout(Duration::from_millis(300)),
+        |ctx: ActivityContext, _: String| async move {
+            ctx.heartbeat();
+            Ok(format!("attempt {}", ctx.info().attempt))
+        },
+    )
+    .unwrap();
     r.workflow("sem_cancel_me", cancel_me).unwrap();
     r.workflow("sem_timers", timers).unwrap();
     r.workflow("sem_collector", collector).unwrap();
@@ -784,5 +822,84 @@ where
         anyhow::ensure!(std::time::Instant::now() < deadline, "condition not met");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schedule_to_start_and_the_orchestrators_heartbeat_timeout() -> anyhow::Result<()> {
+    let env = Env::start().await?;
+    // schedule-to-start: nobody polls the queue.
+    env.start_wf("sem_unpolled", "sts-1", json!(null)).await?;
+    assert_eq!(
+        env.outcome("sts-1").await?,
+        json!("fallback after ScheduleToStartTimeout")
+    );
+    let evs = env.assert_replays("sts-1").await?;
+    let failed = of_type(&evs, "activity_failed");
+    assert_eq!(failed.len(), 1, "{evs:#?}");
+    assert_eq!(failed[0]["worker"], "orchestrator");
+    assert!(failed[0]["retry_in_ms"].is_null(), "not retried");
+
+    // A worker takes attempt 1, says it started, then freezes (the test plays it).
+    env.start_wf("sem_watched", "frozen-1", json!(null)).await?;
+    let streams = baton_transport::jetstream::Streams::ensure(&env.nc).await?;
+    let consumer = streams.queue_consumer(FROZEN).await?;
+    let task = {
+        use futures::StreamExt;
+        let mut batch = consumer.fetch().max_messages(1).messages().await?;
+        batch
+            .next()
+            .await
+            .expect("attempt 1's task")
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    };
+    let task: baton_transport::wire::ActivityTask = baton_transport::codec::decode(&task.payload)?;
+    assert_eq!(task.attempt, 1);
+    let live = baton_transport::wire::Liveness {
+        attempt: 1,
+        worker: "frozen".into(),
+    };
+    streams
+        .liveness
+        .put(
+            format!("{}.{}", task.run_id, task.seq),
+            baton_transport::codec::encode(&live)?.into(),
+        )
+        .await?;
+    // The orchestrator hears nothing more and fails the attempt; attempt 2 is dispatched.
+    wait_for_events(&env.client, "frozen-1", "activity_failed", 1).await?;
+    let evs = events(&env.client, "frozen-1").await?;
+    let failed = of_type(&evs, "activity_failed");
+    assert_eq!(failed[0]["failure"]["kind"], "HeartbeatTimeout", "{evs:#?}");
+    assert_eq!(failed[0]["attempt"], 1);
+    assert!(failed[0]["retry_in_ms"].is_u64());
+    // The frozen worker wakes up and reports attempt 1: dropped, never recorded.
+    let late = baton_transport::wire::ActivityReport {
+        workflow_id: "frozen-1".into(),
+        run_id: task.run_id.clone(),
+        seq: task.seq,
+        attempt: 1,
+        worker: "frozen".into(),
+        outcome: baton_transport::wire::ActivityOutcome::Completed {
+            result: baton_transport::Payload::encode(&"late")?,
+        },
+    };
+    streams
+        .js
+        .publish(
+            baton_transport::subject::report(&task.run_id),
+            baton_transport::codec::encode(&late)?.into(),
+        )
+        .await?
+        .await?;
+    // A healthy worker runs attempt 2.
+    let pool = start_test_pool(&env.nc, registry(), FROZEN, 2).await?;
+    assert_eq!(env.outcome("frozen-1").await?, json!("attempt 2"));
+    let evs = env.assert_replays("frozen-1").await?;
+    let completed = of_type(&evs, "activity_completed");
+    assert_eq!(completed.len(), 1, "{evs:#?}");
+    assert_eq!(completed[0]["attempt"], 2);
+    pool.stop().await;
+    env.stop().await;
     Ok(())
 }

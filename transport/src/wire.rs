@@ -332,6 +332,20 @@ pub struct ActivityTask {
     pub start_to_close_ms: u64,
     /// Heartbeat timeout, enforced by the worker's pool, if the activity heartbeats.
     pub heartbeat_timeout_ms: Option<u64>,
+    /// The orchestrator watches this attempt's start (schedule-to-start) and heartbeats: the
+    /// worker records them in `BATON_LIVENESS` (also whenever `heartbeat_timeout_ms` is set).
+    #[serde(default)]
+    pub liveness: bool,
+}
+
+/// What a worker records in `BATON_LIVENESS` (key `<run_id>.<seq>`) when an attempt starts
+/// and, at most once a second, when it heartbeats; the entry's server timestamp says when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Liveness {
+    /// The attempt running.
+    pub attempt: u32,
+    /// The worker running it.
+    pub worker: String,
 }
 
 /// A failure, as reported by an activity or given to a workflow.
