@@ -50,18 +50,31 @@ pub(crate) struct Runtime {
     pub(crate) executions: Mutex<HashMap<String, ActorRef<ExecMsg>>>,
     /// The supervisor that spawns executions (set once the node has started it).
     pub(crate) supervisor: OnceLock<ActorRef<SupervisorMsg>>,
+    /// Evict an execution idle this long (zero: after every step, so each step replays);
+    /// `None`: keep every open execution in memory.
+    pub(crate) evict_idle: Option<Duration>,
+    /// Executions brought back into memory after an eviction, since the node started.
+    pub(crate) rehydrations: std::sync::atomic::AtomicU64,
 }
 
 impl Runtime {
     /// The live execution of a run. A run started a moment ago may be asked for before its
     /// actor is registered, so a running run is looked up a few times.
+    /// An open run that is not in memory (evicted) is rehydrated from its journal.
     pub(crate) async fn find_execution(&self, run_id: &str) -> Option<ActorRef<ExecMsg>> {
-        for _ in 0..50 {
+        let mut asked = false;
+        for _ in 0..300 {
             if let Some(a) = self.executions.lock().expect("executions lock").get(run_id) {
                 return Some(a.clone());
             }
             match self.journal.run(run_id) {
                 Ok(Some(run)) if run.status == RunStatus::Running => {
+                    if !asked && let Some(s) = self.supervisor.get() {
+                        asked = true;
+                        let _ = s.send_message(SupervisorMsg::Rehydrate {
+                            run_id: run_id.to_string(),
+                        });
+                    }
                     tokio::time::sleep(Duration::from_millis(10)).await
                 }
                 _ => return None,
@@ -80,7 +93,7 @@ impl Runtime {
             rt: self.clone(),
             run,
             history,
-            recovering: false,
+            mode: StartMode::New,
         };
         if let Err(e) = supervisor.send_message(SupervisorMsg::Spawn(args)) {
             tracing::error!(error = %e, "supervisor gone; the run starts at the next restart");
@@ -236,6 +249,8 @@ pub(crate) enum ExecMsg {
     /// Check an attempt's schedule-to-start and heartbeat timeouts against what its worker
     /// recorded in `BATON_LIVENESS`.
     AttemptCheck { seq: u32, attempt: u32 },
+    /// Evict the execution if nothing happened since the step numbered `epoch`.
+    EvictCheck { epoch: u64 },
 }
 
 /// How long past its heartbeat timeout an attempt may go unheard by the orchestrator before
@@ -312,6 +327,8 @@ pub(crate) struct ExecState {
     cancel_requested: bool,
     /// Set when the code no longer matches the journal: the run stays open, untouched.
     blocked: Option<String>,
+    /// Steps handled, for idle eviction.
+    epoch: u64,
 }
 
 /// What a cancellation request must still do outside the journal.
@@ -384,8 +401,21 @@ pub(crate) struct ExecArgs {
     pub(crate) rt: Arc<Runtime>,
     pub(crate) run: RunRecord,
     pub(crate) history: Vec<Event>,
-    /// Rebuilt after a restart (in-flight tasks are checked, not blindly republished).
-    pub(crate) recovering: bool,
+    /// Why the actor starts.
+    pub(crate) mode: StartMode,
+}
+
+/// Why an execution actor starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StartMode {
+    /// A run just created.
+    New,
+    /// Rebuilt after a node restart or a failure: in-flight tasks are checked (not blindly
+    /// republished) on `Redispatch`; children, external signals and a cancellation resume.
+    Recovering,
+    /// Brought back into memory after an idle eviction: everything it had started is still
+    /// on its way, so nothing is dispatched again; its timers and checks are re-armed.
+    Rehydrating,
 }
 
 impl Actor for ExecutionActor {
@@ -402,8 +432,9 @@ impl Actor for ExecutionActor {
             rt,
             run,
             history,
-            recovering,
+            mode,
         } = args;
+        let recovering = mode == StartMode::Recovering;
         let def = rt
             .registry
             .workflow_def(&run.workflow_type)
@@ -604,6 +635,7 @@ impl Actor for ExecutionActor {
             seen_signals,
             cancel_requested,
             blocked,
+            epoch: 0,
         };
         if state.blocked.is_none() {
             state.record(now_ms(), Vec::new(), ahead, &myself).await?;
@@ -621,7 +653,7 @@ impl Actor for ExecutionActor {
                 myself.send_after(Duration::from_millis(p.due_ms - now), move || {
                     ExecMsg::RetryDue { seq, attempt }
                 });
-            } else if !recovering && p.due_ms > 0 {
+            } else if mode == StartMode::New && p.due_ms > 0 {
                 myself.send_message(ExecMsg::RetryDue {
                     seq: *seq,
                     attempt: p.attempt,
@@ -646,6 +678,34 @@ impl Actor for ExecutionActor {
             if state.cancel_requested {
                 state.after_cancel(cancel_fx, &myself).await;
             }
+        }
+        if mode == StartMode::Rehydrating {
+            // Evicted only with every attempt dispatched and every child started: their
+            // checks and polls are armed again from now.
+            let now = now_ms();
+            let mut checks = Vec::new();
+            for (&seq, p) in state.pending.iter_mut() {
+                p.dispatched_ms = now;
+                if let Some(first) = first_check(&p.options) {
+                    checks.push((seq, p.attempt, first));
+                }
+            }
+            for (seq, attempt, first) in checks {
+                myself.send_after(first, move || ExecMsg::AttemptCheck { seq, attempt });
+            }
+            for (&seq, c) in state.children.iter_mut() {
+                c.polling = true;
+                myself.send_after(CHILD_POLL, move || ExecMsg::ChildPoll { seq });
+            }
+            // The message that brought the run back comes next: it is taken before the run
+            // may leave again (else a zero cache could evict it before it arrives, forever).
+            if let Some(idle) = state.rt.evict_idle {
+                myself.send_after(idle.max(Duration::from_secs(1)), || ExecMsg::EvictCheck {
+                    epoch: 0,
+                });
+            }
+        } else {
+            state.after_step(&myself);
         }
         Ok(state)
     }
@@ -817,6 +877,12 @@ impl Actor for ExecutionActor {
             ExecMsg::AttemptCheck { seq, attempt } => {
                 state.check_attempt(seq, attempt, &myself).await?
             }
+            ExecMsg::EvictCheck { epoch } => {
+                if epoch == state.epoch {
+                    state.evict_if_idle(&myself);
+                }
+                return Ok(());
+            }
             ExecMsg::ExternalSignalDone { seq, failure } => {
                 if state.signals_out.remove(&seq).is_some() {
                     state
@@ -825,6 +891,7 @@ impl Actor for ExecutionActor {
                 }
             }
         }
+        state.after_step(&myself);
         Ok(())
     }
 }
@@ -845,6 +912,72 @@ async fn mark_cancelled(rt: &Runtime, run_id: &str, seqs: &[u32]) {
 const CHILD_POLL: Duration = Duration::from_secs(5);
 
 impl ExecState {
+    /// After each message: arm the idle-eviction check (or, with zero cache, evict now).
+    fn after_step(&mut self, myself: &ActorRef<ExecMsg>) {
+        let Some(idle) = self.rt.evict_idle else {
+            return;
+        };
+        if self.run.closed_ms.is_some() {
+            return;
+        }
+        self.epoch += 1;
+        let epoch = self.epoch;
+        if idle.is_zero() {
+            // Queued behind the messages already waiting: the run leaves memory once its
+            // mailbox is drained. A message that finds it gone is retried by its sender.
+            let _ = myself.send_message(ExecMsg::EvictCheck { epoch });
+        } else {
+            myself.send_after(idle, move || ExecMsg::EvictCheck { epoch });
+        }
+    }
+
+    /// Leaves memory if the run only waits (on timers, dispatched activities, started
+    /// children, signals): the supervisor keeps its next wake-up time, and a message for the
+    /// run or that time brings it back by replaying its journal. A run in the middle of
+    /// something the journal cannot resume without it (a retry in backoff, a child not
+    /// started yet, a signal on its way out) stays.
+    fn evict_if_idle(&mut self, myself: &ActorRef<ExecMsg>) {
+        if self.blocked.is_some() || self.run.closed_ms.is_some() {
+            return;
+        }
+        let now = now_ms();
+        let busy = self.pending.values().any(|p| p.dispatched_ms == 0)
+            || self.children.values().any(|c| c.run_id.is_none())
+            || !self.signals_out.is_empty();
+        if busy {
+            return;
+        }
+        let mut wake: Vec<u64> = self.timers.values().copied().collect();
+        wake.extend(self.run.deadline_ms);
+        for p in self.pending.values() {
+            wake.extend(p.deadline_ms);
+            wake.extend(
+                p.options
+                    .schedule_to_start_ms
+                    .map(|sts| p.dispatched_ms + sts),
+            );
+            wake.extend(
+                p.options
+                    .heartbeat_timeout_ms
+                    .map(|hb| now + heartbeat_limit_ms(hb)),
+            );
+        }
+        if !self.children.is_empty() {
+            // A child's close is delivered by message; look again now and then anyway.
+            wake.push(now + CHILD_POLL.as_millis() as u64);
+        }
+        let Some(supervisor) = self.rt.supervisor.get() else {
+            return;
+        };
+        tracing::debug!(run_id = %self.run.run_id, "execution evicted");
+        let _ = supervisor.send_message(SupervisorMsg::Evicted {
+            run_id: self.run.run_id.clone(),
+            actor: myself.get_id(),
+            wake_at_ms: wake.into_iter().min(),
+        });
+        myself.stop(Some("evicted".into()));
+    }
+
     async fn on_report(
         &mut self,
         report: ActivityReport,
@@ -887,6 +1020,7 @@ impl ExecState {
                     Some(delay) => {
                         p.attempt += 1;
                         p.due_ms = now + delay.as_millis() as u64;
+                        p.dispatched_ms = 0;
                         let next = p.attempt;
                         tracing::warn!(run_id = %self.run.run_id, seq, attempt, kind = %failure.kind, retry_in_ms = delay.as_millis() as u64,
                         "activity attempt failed; retrying");
@@ -1722,6 +1856,14 @@ pub(crate) enum SupervisorMsg {
     Spawn(ExecArgs),
     /// Restart a failed execution from its journal.
     Restart { run_id: String },
+    /// An execution left memory; bring it back at `wake_at_ms` if nothing does earlier.
+    Evicted {
+        run_id: String,
+        actor: ActorId,
+        wake_at_ms: Option<u64>,
+    },
+    /// Bring an evicted execution back (a message for it, or its wake-up time).
+    Rehydrate { run_id: String },
 }
 
 pub(crate) struct SupervisorState {
@@ -1758,6 +1900,53 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Spawn(args) => spawn(&myself, state, args).await,
+            SupervisorMsg::Evicted {
+                run_id,
+                actor,
+                wake_at_ms,
+            } => {
+                // From now on the run is not in memory: messages for it rehydrate it.
+                {
+                    let mut executions = state.rt.executions.lock().expect("executions lock");
+                    if executions.get(&run_id).is_some_and(|a| a.get_id() == actor) {
+                        executions.remove(&run_id);
+                    }
+                }
+                if let Some(at) = wake_at_ms {
+                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                    myself.send_after(wait, move || SupervisorMsg::Rehydrate { run_id });
+                }
+                Ok(())
+            }
+            SupervisorMsg::Rehydrate { run_id } => {
+                if state
+                    .rt
+                    .executions
+                    .lock()
+                    .expect("executions lock")
+                    .contains_key(&run_id)
+                {
+                    return Ok(());
+                }
+                let Some(run) = state.rt.journal.run(&run_id)? else {
+                    return Ok(());
+                };
+                if run.closed_ms.is_some() {
+                    return Ok(());
+                }
+                let history = state.rt.journal.history(&run_id)?;
+                let args = ExecArgs {
+                    rt: state.rt.clone(),
+                    run,
+                    history,
+                    mode: StartMode::Rehydrating,
+                };
+                state
+                    .rt
+                    .rehydrations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                spawn(&myself, state, args).await
+            }
             SupervisorMsg::Restart { run_id } => {
                 let Some(run) = state.rt.journal.run(&run_id)? else {
                     return Ok(());
@@ -1777,7 +1966,7 @@ impl Actor for Supervisor {
                     rt: state.rt.clone(),
                     run,
                     history,
-                    recovering: true,
+                    mode: StartMode::Recovering,
                 };
                 spawn(&myself, state, args).await?;
                 if let Some(actor) = state
@@ -1841,6 +2030,17 @@ async fn spawn(
     args: ExecArgs,
 ) -> Result<(), ActorProcessingErr> {
     let run_id = args.run.run_id.clone();
+    // One actor per run: a second start of a live run (a rehydration racing a recovery)
+    // is dropped.
+    if state
+        .rt
+        .executions
+        .lock()
+        .expect("executions lock")
+        .contains_key(&run_id)
+    {
+        return Ok(());
+    }
     match Actor::spawn_linked(None, ExecutionActor, args, myself.get_cell()).await {
         Ok((actor, _)) => {
             state.by_actor.insert(actor.get_id(), run_id.clone());

@@ -32,7 +32,9 @@ use tokio::{sync::broadcast, task::JoinHandle};
 
 use crate::{
     Execution, Registry,
-    execution::{DeliveryError, ExecArgs, ExecMsg, Runtime, Supervisor, SupervisorMsg, deliver},
+    execution::{
+        DeliveryError, ExecArgs, ExecMsg, Runtime, StartMode, Supervisor, SupervisorMsg, deliver,
+    },
     history::{Event, EventKind},
     journal::{self, IdPolicies, Journal, RunRecord, RunStatus, StartOutcome},
     now_ms,
@@ -48,7 +50,25 @@ const EDGE_QUEUE_GROUP: &str = "baton-orchestrators";
 pub struct NodeOptions {
     /// Where the journal file lives (`<data_dir>/journal.redb`).
     pub data_dir: PathBuf,
+    /// Evict an open execution from memory once it has been idle this long; it is rebuilt
+    /// by replaying its journal when a message for it or one of its timers comes. Zero
+    /// evicts after every step (every step replays: a determinism check under load);
+    /// `None` keeps every open execution in memory.
+    pub evict_idle: Option<Duration>,
 }
+
+impl NodeOptions {
+    /// A node keeping its journal in `data_dir`, evicting executions idle for a minute.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        NodeOptions {
+            data_dir: data_dir.into(),
+            evict_idle: Some(DEFAULT_EVICT_IDLE),
+        }
+    }
+}
+
+/// How long an execution stays in memory idle, by default.
+pub const DEFAULT_EVICT_IDLE: Duration = Duration::from_secs(60);
 
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +116,8 @@ impl Orchestrator {
             closed,
             executions: Mutex::new(HashMap::new()),
             supervisor: OnceLock::new(),
+            evict_idle: options.evict_idle,
+            rehydrations: Default::default(),
         });
         let (supervisor, _) = Actor::spawn(None, Supervisor, rt.clone())
             .await
@@ -114,7 +136,7 @@ impl Orchestrator {
                     rt: rt.clone(),
                     run,
                     history,
-                    recovering: true,
+                    mode: StartMode::Recovering,
                 }))
                 .map_err(|e| Error::Actor(e.to_string()))?;
         }
@@ -168,6 +190,13 @@ impl Orchestrator {
             tasks,
             recovered,
         })
+    }
+
+    /// How many times an evicted execution was brought back into memory.
+    pub fn rehydrations(&self) -> u64 {
+        self.rt
+            .rehydrations
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many open runs were recovered at start-up.

@@ -66,6 +66,35 @@ impl PoolHandle {
         ractor::call_t!(self.supervisor, SupervisorMsg::Restarts, 5_000).unwrap_or(0)
     }
 
+    /// Graceful shutdown: starts no more tasks, lets the running activities finish and
+    /// report for up to `grace`, then stops (what still runs is abandoned and its tasks are
+    /// redelivered to other workers). Returns how many were abandoned.
+    pub async fn shutdown(self, grace: Duration) -> usize {
+        let deadline = Instant::now() + grace;
+        let mut running = 0;
+        if let Some(pool) = self.pool().await {
+            let _ = pool.send_message(PoolMsg::Drain);
+            loop {
+                running = ractor::call_t!(pool, PoolMsg::Running, 5_000).unwrap_or(0);
+                if running == 0 || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if running > 0
+            && let Some(pool) = self.pool().await
+        {
+            tracing::warn!(
+                running,
+                "grace period over; handing running activities back"
+            );
+            running = ractor::call_t!(pool, PoolMsg::Abandon, 5_000).unwrap_or(running);
+        }
+        self.stop().await;
+        running
+    }
+
     /// Stops the pool (running activities are abandoned; their tasks are redelivered).
     pub async fn stop(self) {
         self.watch.abort();
@@ -224,6 +253,13 @@ async fn watch_cancels(kv: jetstream::kv::Store, set: Arc<std::sync::Mutex<HashS
 pub enum PoolMsg {
     /// Pull more tasks if slots are free.
     Fetch,
+    /// Start no more tasks (graceful shutdown): tasks still delivered go back to the queue.
+    Drain,
+    /// How many activities are running.
+    Running(ractor::RpcReplyPort<usize>),
+    /// End of a graceful shutdown's grace period: hand the running tasks back to the queue
+    /// at once (for other workers) and stop their runners; answered when done.
+    Abandon(ractor::RpcReplyPort<usize>),
     /// A task pulled from JetStream.
     Delivered(Box<jetstream::Message>),
     /// A pull request ended.
@@ -287,6 +323,8 @@ pub struct PoolState {
     reserved: usize,
     fetching: bool,
     next_key: u64,
+    /// Shutting down: no new tasks.
+    draining: bool,
 }
 
 impl PoolState {
@@ -318,6 +356,7 @@ impl Actor for Pool {
             reserved: 0,
             fetching: false,
             next_key: 0,
+            draining: false,
         })
     }
 
@@ -329,9 +368,28 @@ impl Actor for Pool {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             PoolMsg::Fetch => fetch(&myself, state),
+            PoolMsg::Drain => state.draining = true,
+            PoolMsg::Running(reply) => {
+                let _ = reply.send(state.running.len());
+            }
+            PoolMsg::Abandon(reply) => {
+                let n = state.running.len();
+                for (_, r) in state.running.drain() {
+                    r.runner.kill();
+                    if let Err(e) = r.message.ack_with(AckKind::Nak(None)).await {
+                        tracing::warn!(error = %e, run_id = %r.task.run_id, seq = r.task.seq, "task not handed back; it is redelivered after its ack wait");
+                    }
+                }
+                let _ = reply.send(n);
+            }
             PoolMsg::Delivered(message) => {
                 state.reserved = state.reserved.saturating_sub(1);
-                start_task(&myself, state, *message).await?;
+                if state.draining {
+                    // Back to the queue at once, for another worker.
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                } else {
+                    start_task(&myself, state, *message).await?;
+                }
             }
             PoolMsg::FetchDone {
                 requested,
@@ -423,7 +481,7 @@ impl Actor for Pool {
 /// Starts a pull for as many tasks as there are free slots, unless one is under way.
 fn fetch(myself: &ActorRef<PoolMsg>, state: &mut PoolState) {
     let free = state.free();
-    if state.fetching || free == 0 {
+    if state.fetching || free == 0 || state.draining {
         return;
     }
     state.fetching = true;

@@ -57,6 +57,8 @@ enum Cmd {
         /// Directory of the journal.
         #[arg(long, env = "BATON_DATA_DIR", default_value = "baton-data")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
     },
     /// A worker pool serving one task queue.
     Worker {
@@ -72,6 +74,10 @@ enum Cmd {
         /// `$BATON_DATA_DIR/index`, else `./baton-index`). Ignored for other queues.
         #[arg(long, env = "BATON_INDEX_DIR")]
         index_dir: Option<PathBuf>,
+        /// On SIGINT/SIGTERM, start no new activities and let the running ones finish for
+        /// up to this many milliseconds; then stop (their tasks go to other workers).
+        #[arg(long, default_value_t = 10_000)]
+        shutdown_grace_ms: u64,
     },
     /// Start a workflow.
     Start {
@@ -202,6 +208,24 @@ enum Cmd {
     Demo(DevArgs),
 }
 
+/// How the orchestrator keeps executions in memory.
+#[derive(clap::Args, Clone, Debug)]
+struct CacheArgs {
+    /// Evict an execution idle this many milliseconds (it is rebuilt by replaying its
+    /// journal when needed); 0 evicts after every step, so every step replays.
+    #[arg(long, env = "BATON_EVICT_IDLE_MS", default_value_t = baton_actors::node::DEFAULT_EVICT_IDLE.as_millis() as u64)]
+    evict_idle_ms: u64,
+}
+
+impl CacheArgs {
+    fn node_options(&self, data_dir: PathBuf) -> NodeOptions {
+        NodeOptions {
+            evict_idle: Some(Duration::from_millis(self.evict_idle_ms)),
+            ..NodeOptions::new(data_dir)
+        }
+    }
+}
+
 /// Arguments of `baton dev` and `baton demo`.
 #[derive(clap::Args, Clone)]
 pub struct DevArgs {
@@ -226,6 +250,8 @@ pub struct DevArgs {
     /// Directory of the vector index (default: `<data-dir>/index`).
     #[arg(long)]
     index_dir: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheArgs,
     /// `baton demo` only: sequential runs of each workflow for the latency figures (0: none).
     #[arg(long, default_value_t = 20)]
     latency_runs: usize,
@@ -367,9 +393,7 @@ impl Dev {
         let orchestrator = Orchestrator::start(
             client.clone(),
             (*registry).clone(),
-            NodeOptions {
-                data_dir: data_dir.clone(),
-            },
+            args.cache.node_options(data_dir.clone()),
         )
         .await?;
         let pools = vec![
@@ -424,6 +448,18 @@ async fn ctrl_c() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return ctrl_c().await,
+    };
+    tokio::select! {
+        _ = ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// `baton cancel` and `baton terminate`.
 async fn close(
     nats: &NatsArgs,
@@ -470,10 +506,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ctrl_c().await;
             dev.stop().await;
         }
-        Cmd::Orchestrator { nats, data_dir } => {
+        Cmd::Orchestrator {
+            nats,
+            data_dir,
+            cache,
+        } => {
             let client = connect(&nats.nats_url).await?;
             let node =
-                Orchestrator::start(client, registry(&models())?, NodeOptions { data_dir }).await?;
+                Orchestrator::start(client, registry(&models())?, cache.node_options(data_dir))
+                    .await?;
             ctrl_c().await;
             node.stop().await;
         }
@@ -482,6 +523,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             queue,
             concurrency,
             index_dir,
+            shutdown_grace_ms,
         } => {
             let client = connect(&nats.nats_url).await?;
             let models = models();
@@ -494,11 +536,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::warn!(index_dir = %dir.display(), %queue, "--index-dir ignored: only `--queue index` holds the vector index");
             }
             let pool = pool(&client, Arc::new(registry(&models)?), &queue, concurrency).await?;
-            ctrl_c().await;
+            shutdown_signal().await;
+            tracing::info!(grace_ms = shutdown_grace_ms, "shutting down");
+            let abandoned = pool
+                .shutdown(Duration::from_millis(shutdown_grace_ms))
+                .await;
             if let Some(s) = search {
                 s.stop();
             }
-            pool.stop().await;
+            tracing::info!(abandoned, "worker stopped");
         }
         Cmd::Start {
             nats,

@@ -122,17 +122,18 @@ pub(crate) async fn start_node(
     dir: &Path,
     registry: fn() -> Registry,
 ) -> Orchestrator {
+    start_node_with(client, NodeOptions::new(dir), registry).await
+}
+
+/// An orchestrator node in this process with `options`.
+pub(crate) async fn start_node_with(
+    client: &async_nats::Client,
+    options: NodeOptions,
+    registry: fn() -> Registry,
+) -> Orchestrator {
     // The previous node of this process may still be releasing the journal file.
     for _ in 0..100 {
-        match Orchestrator::start(
-            client.clone(),
-            registry(),
-            NodeOptions {
-                data_dir: dir.to_path_buf(),
-            },
-        )
-        .await
-        {
+        match Orchestrator::start(client.clone(), registry(), options.clone()).await {
             Ok(o) => return o,
             Err(e) => {
                 eprintln!("orchestrator not started yet: {e}");

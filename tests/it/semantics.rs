@@ -14,8 +14,9 @@ use std::{
 
 use baton_actors::{
     ActivityContext, ActivityDef, ActivityError, ActivityOptions, CancellationType, ChildOptions,
-    Execution, Registry, RetryPolicy, WorkflowContext, WorkflowError, history::Event,
-    node::Orchestrator,
+    Execution, Registry, RetryPolicy, WorkflowContext, WorkflowError,
+    history::Event,
+    node::{NodeOptions, Orchestrator},
 };
 use baton_tests::{Client, NatsServer, REQUEST_TIMEOUT};
 use baton_transport::wire::ResultReply;
@@ -23,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::{
     cluster::{WAIT, events, of_type},
-    runtime::{start_node, start_test_pool, wait_for_events},
+    runtime::{start_node_with, start_test_pool, wait_for_events},
 };
 
 const QUEUE: &str = "sem-cpu";
@@ -33,6 +34,9 @@ const ALWAYS_FAILS: ActivityDef<String, String> = ActivityDef::new("sem_always_f
 const HANGS_ONCE: ActivityDef<u32, u32> = ActivityDef::new("sem_hangs_once");
 const FLAKY_CHILD_STEP: ActivityDef<String, String> = ActivityDef::new("sem_flaky_child_step");
 const UNPOLLED: ActivityDef<String, String> = ActivityDef::new("sem_unpolled");
+const GRACEFUL: ActivityDef<u64, String> = ActivityDef::new("sem_graceful");
+/// The queue of the graceful-shutdown scenario.
+const GRACE: &str = "sem-grace";
 const WATCHED: ActivityDef<String, String> = ActivityDef::new("sem_watched");
 /// A queue no worker polls.
 const NOBODY: &str = "sem-nobody";
@@ -236,8 +240,26 @@ async fn watched(ctx: WorkflowContext, _: ()) -> Result<String, WorkflowError> {
     Ok(ctx.activity(&WATCHED, &"x".to_string()).await?)
 }
 
+/// One activity of `ms` on the `sem-grace` queue.
+async fn graceful(ctx: WorkflowContext, ms: u64) -> Result<String, WorkflowError> {
+    Ok(ctx.activity(&GRACEFUL, &ms).await?)
+}
+
 fn registry() -> Registry {
     let mut r = Registry::new();
+    r.workflow("sem_graceful", graceful).unwrap();
+    r.activity(
+        &GRACEFUL,
+        ActivityOptions::new(GRACE, Duration::from_secs(60), quick_retry(3)),
+        |ctx: ActivityContext, ms: u64| async move {
+            let wf = ctx.info().workflow_id.clone();
+            saw(&wf, "started");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            saw(&wf, "finished");
+            Ok(format!("slept {ms} ms"))
+        },
+    )
+    .unwrap();
     r.workflow("sem_unpolled", unpolled).unwrap();
     r.workflow("sem_watched", watched).unwrap();
     r.activity(
@@ -342,6 +364,7 @@ fn registry() -> Registry {
 /// A node, a pool and a client on a fresh nats-server.
 struct Env {
     _nats: NatsServer,
+    evict_idle: Option<Duration>,
     nc: async_nats::Client,
     dir: tempfile::TempDir,
     node: Option<Orchestrator>,
@@ -351,13 +374,19 @@ struct Env {
 
 impl Env {
     async fn start() -> anyhow::Result<Env> {
+        Env::start_with(NodeOptions::new("").evict_idle).await
+    }
+
+    /// With this idle-eviction setting (`Some(ZERO)`: every step replays).
+    async fn start_with(evict_idle: Option<Duration>) -> anyhow::Result<Env> {
         let nats = NatsServer::start().await?;
         let nc = nats.connect().await?;
         let dir = tempfile::tempdir()?;
-        let node = start_node(&nc, dir.path(), registry).await;
+        let node = start_node_with(&nc, Env::options(&dir, evict_idle), registry).await;
         let pool = start_test_pool(&nc, registry(), QUEUE, 8).await?;
         Ok(Env {
             _nats: nats,
+            evict_idle,
             nc: nc.clone(),
             dir,
             node: Some(node),
@@ -372,10 +401,22 @@ impl Env {
         if let Some(node) = self.node.take() {
             node.stop().await;
         }
-        let node = start_node(&self.nc, self.dir.path(), registry).await;
+        let node =
+            start_node_with(&self.nc, Env::options(&self.dir, self.evict_idle), registry).await;
         let recovered = node.recovered();
         self.node = Some(node);
         recovered
+    }
+
+    fn options(dir: &tempfile::TempDir, evict_idle: Option<Duration>) -> NodeOptions {
+        NodeOptions {
+            evict_idle,
+            ..NodeOptions::new(dir.path())
+        }
+    }
+
+    fn rehydrations(&self) -> u64 {
+        self.node.as_ref().map_or(0, |n| n.rehydrations())
     }
 
     async fn stop(self) {
@@ -846,7 +887,12 @@ async fn schedule_to_start_and_the_orchestrators_heartbeat_timeout() -> anyhow::
     let consumer = streams.queue_consumer(FROZEN).await?;
     let task = {
         use futures::StreamExt;
-        let mut batch = consumer.fetch().max_messages(1).messages().await?;
+        let mut batch = consumer
+            .batch()
+            .max_messages(1)
+            .expires(Duration::from_secs(10))
+            .messages()
+            .await?;
         batch
             .next()
             .await
@@ -900,6 +946,145 @@ async fn schedule_to_start_and_the_orchestrators_heartbeat_timeout() -> anyhow::
     assert_eq!(completed.len(), 1, "{evs:#?}");
     assert_eq!(completed[0]["attempt"], 2);
     pool.stop().await;
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zero_cache_replays_every_step_and_changes_no_outcome() -> anyhow::Result<()> {
+    // Every execution leaves memory after each step: each signal, report, timer and child
+    // notice rebuilds it from its journal.
+    let env = Env::start_with(Some(Duration::ZERO)).await?;
+    env.start_wf("sem_timers", "z-timers", json!(null)).await?;
+    env.start_wf("sem_parent", "z-parent", json!("result"))
+        .await?;
+    env.start_wf("sem_parent", "z-retry", json!("retry"))
+        .await?;
+    env.start_wf("sem_give_up", "z-give-up", json!(null))
+        .await?;
+    env.start_wf("sem_rolling", "z-roll", json!([0, 0])).await?;
+    for n in [1, 2, 3] {
+        let r = env
+            .api(
+                "baton.api.signal",
+                json!({"workflow_id": "z-roll", "name": "add", "input": n}),
+            )
+            .await?;
+        assert_eq!(r["workflow_id"], "z-roll", "{r}");
+    }
+    env.start_wf("sem_cancel_me", "z-cancel", json!("wait"))
+        .await?;
+    wait_until(|| seen("z-cancel").contains(&"started".into())).await?;
+    env.api("baton.api.cancel", json!({"workflow_id": "z-cancel"}))
+        .await?;
+    assert_eq!(
+        env.outcome("z-timers").await?,
+        json!("short fired; long Err(\"Cancelled\")")
+    );
+    assert_eq!(env.outcome("z-parent").await?, json!("ok 42"));
+    assert_eq!(
+        env.outcome("z-retry").await?,
+        json!("ok \"succeeded on run 3\"")
+    );
+    assert_eq!(
+        env.outcome("z-give-up").await?,
+        json!("gave up: Flaky: attempt 5 failed")
+    );
+    assert_eq!(env.outcome("z-roll").await?, json!(6));
+    assert_eq!(env.outcome("z-cancel").await?, json!("error:\"Cancelled\""));
+    for id in [
+        "z-timers",
+        "z-parent",
+        "z-retry",
+        "z-give-up",
+        "z-roll",
+        "z-cancel",
+    ] {
+        env.assert_replays(id).await?;
+    }
+    // About 18 waits end with the run out of memory: the timer, the child's result, three
+    // child runs and the parent between them, five activity reports, three signals, the
+    // cancellation and its report. A message that lands while its run is still mid-step
+    // finds it in memory, so allow a few.
+    let n = env.rehydrations();
+    assert!(
+        n >= 15,
+        "only {n} rehydrations: executions were not evicted"
+    );
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_execution_is_evicted_and_its_timer_brings_it_back() -> anyhow::Result<()> {
+    let env = Env::start_with(Some(Duration::from_millis(100))).await?;
+    // Idle on a 200 ms timer and an hour-long one: evicted, woken by the first.
+    env.start_wf("sem_timers", "idle-timers", json!(null))
+        .await?;
+    assert_eq!(
+        env.outcome("idle-timers").await?,
+        json!("short fired; long Err(\"Cancelled\")")
+    );
+    // Idle waiting for a signal (no wake-up time at all): the signal brings it back.
+    env.start_wf("sem_collector", "idle-coll", json!(null))
+        .await?;
+    wait_until_async(|| async { env.rehydrations() >= 1 }).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for item in ["x", "stop"] {
+        env.api(
+            "baton.api.signal",
+            json!({"workflow_id": "idle-coll", "name": "item", "input": item}),
+        )
+        .await?;
+    }
+    assert_eq!(env.outcome("idle-coll").await?, json!(["x"]));
+    assert!(env.rehydrations() >= 2, "{}", env.rehydrations());
+    env.stop().await;
+    Ok(())
+}
+
+/// A pool on the grace queue with its own worker ID.
+async fn grace_pool(env: &Env, worker: &str) -> anyhow::Result<baton_actors::worker::PoolHandle> {
+    baton_actors::worker::start_pool(
+        baton_transport::jetstream::Streams::ensure(&env.nc).await?,
+        std::sync::Arc::new(registry()),
+        baton_actors::worker::PoolOptions {
+            queue: GRACE.into(),
+            concurrency: 2,
+            worker_id: worker.into(),
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_shutdown_with_a_grace_period() -> anyhow::Result<()> {
+    let env = Env::start().await?;
+    // The grace period covers the running activity: it finishes and reports.
+    let a = grace_pool(&env, "grace-a").await?;
+    env.start_wf("sem_graceful", "grace-1", json!(800)).await?;
+    wait_until(|| seen("grace-1").contains(&"started".into())).await?;
+    assert_eq!(a.shutdown(Duration::from_secs(10)).await, 0);
+    assert_eq!(seen("grace-1"), vec!["started", "finished"]);
+    assert_eq!(env.outcome("grace-1").await?, json!("slept 800 ms"));
+    let evs = env.assert_replays("grace-1").await?;
+    let done = of_type(&evs, "activity_completed");
+    assert_eq!(done[0]["worker"], "grace-a");
+    assert_eq!(done[0]["attempt"], 1);
+    // Too short a grace period: the activity is abandoned, its task goes to another worker.
+    let b = grace_pool(&env, "grace-b").await?;
+    env.start_wf("sem_graceful", "grace-2", json!(3_000))
+        .await?;
+    wait_until(|| seen("grace-2").contains(&"started".into())).await?;
+    assert_eq!(b.shutdown(Duration::from_millis(200)).await, 1);
+    let c = grace_pool(&env, "grace-c").await?;
+    assert_eq!(env.outcome("grace-2").await?, json!("slept 3000 ms"));
+    let evs = env.assert_replays("grace-2").await?;
+    let done = of_type(&evs, "activity_completed");
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0]["worker"], "grace-c");
+    c.stop().await;
     env.stop().await;
     Ok(())
 }
