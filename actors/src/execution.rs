@@ -1872,8 +1872,14 @@ pub(crate) struct SupervisorState {
     restarts: HashMap<String, u32>,
 }
 
-/// Restarts in a row after which a failing execution is left for the next node restart.
+/// Restarts after which a failing execution is reported as an error at each further one.
 const MAX_RESTARTS: u32 = 10;
+
+/// How long before the `n`-th restart of a failing execution: doubling from 200 ms, capped
+/// at 30 s, never giving up (a full disk or a lost NATS connection ends; the run goes on).
+fn restart_delay(n: u32) -> Duration {
+    Duration::from_millis((100u64 << n.min(9)).min(30_000))
+}
 
 impl Actor for Supervisor {
     type Msg = SupervisorMsg;
@@ -1928,13 +1934,17 @@ impl Actor for Supervisor {
                 {
                     return Ok(());
                 }
-                let Some(run) = state.rt.journal.run(&run_id)? else {
-                    return Ok(());
+                let (run, history) = match read_open_run(&state.rt, &run_id) {
+                    Ok(Some(x)) => x,
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!(%run_id, error = %e, "journal unreadable; rehydrating later");
+                        myself.send_after(Duration::from_secs(1), move || {
+                            SupervisorMsg::Rehydrate { run_id }
+                        });
+                        return Ok(());
+                    }
                 };
-                if run.closed_ms.is_some() {
-                    return Ok(());
-                }
-                let history = state.rt.journal.history(&run_id)?;
                 let args = ExecArgs {
                     rt: state.rt.clone(),
                     run,
@@ -1948,20 +1958,35 @@ impl Actor for Supervisor {
                 spawn(&myself, state, args).await
             }
             SupervisorMsg::Restart { run_id } => {
-                let Some(run) = state.rt.journal.run(&run_id)? else {
-                    return Ok(());
-                };
-                if run.closed_ms.is_some() {
-                    return Ok(());
-                }
-                if let Err(e) = state.rt.journal.reconcile_mirror(&run_id).await {
-                    tracing::warn!(%run_id, error = %e, "mirror not repaired yet; retrying the restart");
+                // The journal may be failing (a full disk): retry later, never fail here.
+                let retry = |myself: &ActorRef<SupervisorMsg>, run_id: String| {
                     myself.send_after(Duration::from_secs(1), move || SupervisorMsg::Restart {
                         run_id,
                     });
+                };
+                match read_open_run(&state.rt, &run_id) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!(%run_id, error = %e, "journal unreadable; retrying the restart");
+                        retry(&myself, run_id);
+                        return Ok(());
+                    }
+                }
+                if let Err(e) = state.rt.journal.reconcile_mirror(&run_id).await {
+                    tracing::warn!(%run_id, error = %e, "mirror not repaired yet; retrying the restart");
+                    retry(&myself, run_id);
                     return Ok(());
                 }
-                let history = state.rt.journal.history(&run_id)?;
+                let (run, history) = match read_open_run(&state.rt, &run_id) {
+                    Ok(Some(x)) => x,
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!(%run_id, error = %e, "journal unreadable; retrying the restart");
+                        retry(&myself, run_id);
+                        return Ok(());
+                    }
+                };
                 let args = ExecArgs {
                     rt: state.rt.clone(),
                     run,
@@ -1997,18 +2022,32 @@ impl Actor for Supervisor {
                 if let Some(run_id) = forget(state, &cell) {
                     let n = state.restarts.entry(run_id.clone()).or_default();
                     *n += 1;
+                    let backoff = restart_delay(*n);
                     if *n > MAX_RESTARTS {
-                        tracing::error!(%run_id, %error, "execution failed {MAX_RESTARTS} times in a row; left for the next node restart");
-                        return Ok(());
+                        tracing::error!(%run_id, %error, restarts = *n, restart_in_ms = backoff.as_millis() as u64, "execution keeps failing; restarting from its journal");
+                    } else {
+                        tracing::warn!(%run_id, %error, restart_in_ms = backoff.as_millis() as u64, "execution failed; restarting from its journal");
                     }
-                    let backoff = Duration::from_millis(100 * 2u64.pow((*n).min(6)));
-                    tracing::warn!(%run_id, %error, restart_in_ms = backoff.as_millis() as u64, "execution failed; restarting from its journal");
                     myself.send_after(backoff, move || SupervisorMsg::Restart { run_id });
                 }
             }
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// A run and its history, if it is open.
+fn read_open_run(
+    rt: &Runtime,
+    run_id: &str,
+) -> Result<Option<(RunRecord, Vec<Event>)>, crate::journal::Error> {
+    match rt.journal.run(run_id)? {
+        Some(run) if run.closed_ms.is_none() => {
+            let history = rt.journal.history(run_id)?;
+            Ok(Some((run, history)))
+        }
+        _ => Ok(None),
     }
 }
 
@@ -2054,14 +2093,13 @@ async fn spawn(
         Err(e) => {
             let n = state.restarts.entry(run_id.clone()).or_default();
             *n += 1;
-            if *n <= MAX_RESTARTS {
-                tracing::warn!(%run_id, error = %e, "execution did not start; retrying");
-                myself.send_after(Duration::from_millis(200 * u64::from(*n)), move || {
-                    SupervisorMsg::Restart { run_id }
-                });
+            let backoff = restart_delay(*n);
+            if *n > MAX_RESTARTS {
+                tracing::error!(%run_id, error = %e, restarts = *n, "execution does not start; retrying");
             } else {
-                tracing::error!(%run_id, error = %e, "execution did not start; left for the next node restart");
+                tracing::warn!(%run_id, error = %e, "execution did not start; retrying");
             }
+            myself.send_after(backoff, move || SupervisorMsg::Restart { run_id });
         }
     }
     Ok(())

@@ -11,7 +11,11 @@
 //! Tables: `runs` (run_id -> [`RunRecord`]), `ids` (workflow_id -> run_id), `events`
 //! ((run_id, event id) -> [`Event`]), `open` (run_id -> 0, the runs to recover).
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use async_nats::{HeaderMap, jetstream::context::PublishAckFuture};
 use baton_transport::{codec, jetstream::Streams, subject};
@@ -21,7 +25,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use baton_transport::wire::{IdConflictPolicy, IdReusePolicy};
 
-use crate::history::{Event, EventKind};
+use crate::{
+    history::{Event, EventKind},
+    storage::{FaultyBackend, StorageFaults},
+};
 
 const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 const IDS: TableDefinition<&str, &str> = TableDefinition::new("ids");
@@ -234,10 +241,73 @@ enum Request {
     },
 }
 
+/// The redb database behind the journal, reopened after an I/O error: redb refuses further
+/// use of a database that failed a write (`PreviousIo`) until it is opened again, and
+/// opening it repairs it.
+struct Store {
+    path: PathBuf,
+    faults: Option<Arc<StorageFaults>>,
+    db: std::sync::RwLock<Option<Arc<Database>>>,
+}
+
+impl Store {
+    fn open_db(&self) -> Result<Database, Error> {
+        let db = match &self.faults {
+            None => Database::create(&self.path).map_err(storage)?,
+            Some(faults) => {
+                let backend = FaultyBackend::open(&self.path, faults.clone()).map_err(storage)?;
+                Database::builder()
+                    .create_with_backend(backend)
+                    .map_err(storage)?
+            }
+        };
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            txn.open_table(RUNS).map_err(storage)?;
+            txn.open_table(IDS).map_err(storage)?;
+            txn.open_table(EVENTS).map_err(storage)?;
+            txn.open_table(OPEN).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(db)
+    }
+
+    /// The open database, reopening it if an I/O error closed it.
+    fn get(&self) -> Result<Arc<Database>, Error> {
+        if let Some(db) = self.db.read().expect("journal store lock").as_ref() {
+            return Ok(db.clone());
+        }
+        let mut slot = self.db.write().expect("journal store lock");
+        if let Some(db) = slot.as_ref() {
+            return Ok(db.clone());
+        }
+        // Readers may hold the old database a moment longer; its file lock goes with it.
+        let mut last = Error::Storage("journal not open".into());
+        for _ in 0..10 {
+            match self.open_db() {
+                Ok(db) => {
+                    tracing::warn!(path = %self.path.display(), "journal reopened");
+                    let db = Arc::new(db);
+                    *slot = Some(db.clone());
+                    return Ok(db);
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Err(last)
+    }
+
+    /// Closes the database after an I/O error; the next use reopens it.
+    fn invalidate(&self) {
+        self.db.write().expect("journal store lock").take();
+    }
+}
+
 /// Handle on the journal. Cheap to clone.
 #[derive(Clone)]
 pub struct Journal {
-    db: Arc<Database>,
+    db: Arc<Store>,
     tx: mpsc::Sender<Request>,
     mirror: Option<Streams>,
     chain: Arc<tokio::sync::Mutex<HashMap<String, u64>>>,
@@ -247,18 +317,24 @@ impl Journal {
     /// Opens (or creates) the journal file and starts its writer. With `mirror`, every
     /// commit is also published to JetStream.
     pub fn open(path: &Path, mirror: Option<Streams>) -> Result<Journal, Error> {
-        let db = Database::create(path).map_err(storage)?;
-        let txn = db.begin_write().map_err(storage)?;
-        {
-            txn.open_table(RUNS).map_err(storage)?;
-            txn.open_table(IDS).map_err(storage)?;
-            txn.open_table(EVENTS).map_err(storage)?;
-            txn.open_table(OPEN).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)?;
+        Journal::open_with(path, mirror, None)
+    }
+
+    /// As [`Journal::open`], with `faults` injected into its storage (chaos tests).
+    pub fn open_with(
+        path: &Path,
+        mirror: Option<Streams>,
+        faults: Option<Arc<StorageFaults>>,
+    ) -> Result<Journal, Error> {
+        let store = Store {
+            path: path.to_path_buf(),
+            faults,
+            db: std::sync::RwLock::new(None),
+        };
+        store.get()?;
         let (tx, rx) = mpsc::channel(4096);
         let writer = Writer {
-            db: Arc::new(db),
+            db: Arc::new(store),
             mirror,
             chain: Arc::default(),
         };
@@ -340,7 +416,7 @@ impl Journal {
 
     /// The current run of a workflow ID.
     pub fn run_of(&self, workflow_id: &str) -> Result<Option<RunRecord>, Error> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
         let ids = txn.open_table(IDS).map_err(storage)?;
         let Some(run_id) = ids.get(workflow_id).map_err(storage)? else {
             return Ok(None);
@@ -352,14 +428,14 @@ impl Journal {
 
     /// A run by run ID.
     pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>, Error> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
         let runs = txn.open_table(RUNS).map_err(storage)?;
         read_run(&runs, run_id)
     }
 
     /// A run's events, in order.
     pub fn history(&self, run_id: &str) -> Result<Vec<Event>, Error> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
         let events = txn.open_table(EVENTS).map_err(storage)?;
         let mut out = Vec::new();
         for item in events
@@ -374,7 +450,7 @@ impl Journal {
 
     /// The runs not closed yet (to recover after a restart).
     pub fn open_runs(&self) -> Result<Vec<RunRecord>, Error> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
         let open = txn.open_table(OPEN).map_err(storage)?;
         let runs = txn.open_table(RUNS).map_err(storage)?;
         let mut out = Vec::new();
@@ -389,7 +465,7 @@ impl Journal {
 
     /// Runs, most recently started first, optionally of one status.
     pub fn list(&self, status: Option<RunStatus>, limit: usize) -> Result<Vec<RunRecord>, Error> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
         let runs = txn.open_table(RUNS).map_err(storage)?;
         let mut out = Vec::new();
         for item in runs.iter().map_err(storage)? {
@@ -467,7 +543,7 @@ impl Journal {
 /// The single writer: owns the commit loop. Holds no sender, so it ends (and releases the
 /// file) when the last [`Journal`] handle is dropped.
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<Store>,
     mirror: Option<Streams>,
     chain: Arc<tokio::sync::Mutex<HashMap<String, u64>>>,
 }
@@ -482,12 +558,19 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let db = self.db.clone();
-            let committed = tokio::task::spawn_blocking(move || commit(&db, group)).await;
+            let store = self.db.clone();
+            let committed = tokio::task::spawn_blocking(move || match store.get() {
+                Ok(db) => commit(&db, group),
+                Err(e) => Err((group, e)),
+            })
+            .await;
             let (group, outcomes) = match committed {
                 Ok(Ok(x)) => x,
                 Ok(Err((group, e))) => {
+                    // Nothing of the group was acknowledged. The database is reopened
+                    // before the next commit (which repairs it).
                     tracing::error!(error = %e, "journal commit failed");
+                    self.db.invalidate();
                     fail_all(group, e);
                     continue;
                 }

@@ -7,6 +7,8 @@
 //! - [`history`]: the journal's events.
 //! - [`replay`]: the deterministic replay core ([`Execution`]), pure and I/O-free.
 //! - [`journal`]: redb + JetStream, group commit, workflow-ID compare-and-set.
+//! - [`storage`]: the journal's file backend, with injectable faults (disk full, failing
+//!   calls, power loss with torn writes) for the chaos tests.
 //! - execution.rs: one ractor actor per execution under a supervisor.
 //! - [`node`]: the orchestrator node: start and API handlers, the report feed, recovery.
 //! - [`worker`]: worker pools (ractor) supervising one runner actor per running activity.
@@ -21,6 +23,7 @@ pub mod node;
 mod options;
 mod registry;
 pub mod replay;
+pub mod storage;
 pub mod worker;
 
 pub use activity::{ActivityContext, ActivityInfo};

@@ -46,7 +46,7 @@ const MAX_RESULT_WAIT: Duration = Duration::from_secs(300);
 const EDGE_QUEUE_GROUP: &str = "baton-orchestrators";
 
 /// How an orchestrator node is set up.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeOptions {
     /// Where the journal file lives (`<data_dir>/journal.redb`).
     pub data_dir: PathBuf,
@@ -55,6 +55,8 @@ pub struct NodeOptions {
     /// evicts after every step (every step replays: a determinism check under load);
     /// `None` keeps every open execution in memory.
     pub evict_idle: Option<Duration>,
+    /// Faults injected into the journal's storage (chaos tests only).
+    pub storage_faults: Option<Arc<crate::storage::StorageFaults>>,
 }
 
 impl NodeOptions {
@@ -63,6 +65,7 @@ impl NodeOptions {
         NodeOptions {
             data_dir: data_dir.into(),
             evict_idle: Some(DEFAULT_EVICT_IDLE),
+            storage_faults: None,
         }
     }
 }
@@ -104,9 +107,10 @@ impl Orchestrator {
     ) -> Result<Orchestrator, Error> {
         std::fs::create_dir_all(&options.data_dir)?;
         let streams = Streams::ensure(&client).await?;
-        let journal = Journal::open(
+        let journal = Journal::open_with(
             &options.data_dir.join("journal.redb"),
             Some(streams.clone()),
+            options.storage_faults.clone(),
         )?;
         let (closed, _) = broadcast::channel(4096);
         let rt = Arc::new(Runtime {

@@ -379,10 +379,22 @@ impl Env {
 
     /// With this idle-eviction setting (`Some(ZERO)`: every step replays).
     async fn start_with(evict_idle: Option<Duration>) -> anyhow::Result<Env> {
+        Env::start_full(evict_idle, None).await
+    }
+
+    /// With faults injected into the journal's storage.
+    async fn start_full(
+        evict_idle: Option<Duration>,
+        faults: Option<std::sync::Arc<baton_actors::storage::StorageFaults>>,
+    ) -> anyhow::Result<Env> {
         let nats = NatsServer::start().await?;
         let nc = nats.connect().await?;
         let dir = tempfile::tempdir()?;
-        let node = start_node_with(&nc, Env::options(&dir, evict_idle), registry).await;
+        let options = NodeOptions {
+            storage_faults: faults,
+            ..Env::options(&dir, evict_idle)
+        };
+        let node = start_node_with(&nc, options, registry).await;
         let pool = start_test_pool(&nc, registry(), QUEUE, 8).await?;
         Ok(Env {
             _nats: nats,
@@ -1085,6 +1097,57 @@ async fn worker_shutdown_with_a_grace_period() -> anyhow::Result<()> {
     assert_eq!(done.len(), 1);
     assert_eq!(done[0]["worker"], "grace-c");
     c.stop().await;
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_under_the_orchestrator_loses_no_acknowledged_workflow() -> anyhow::Result<()> {
+    let faults = baton_actors::storage::StorageFaults::none();
+    let env = Env::start_full(NodeOptions::new("").evict_idle, Some(faults.clone())).await?;
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for i in 0..24 {
+        // The disk fills up for a while in the middle of the workload.
+        if i == 8 {
+            faults.set_full(true);
+        }
+        if i == 16 {
+            faults.set_full(false);
+        }
+        let (id, ty, input) = match i % 3 {
+            0 => (format!("full-parent-{i}"), "sem_parent", json!("result")),
+            1 => (format!("full-retry-{i}"), "sem_give_up", json!(null)),
+            _ => (format!("full-timers-{i}"), "sem_timers", json!(null)),
+        };
+        let reply = env
+            .api(
+                &format!("baton.start.{ty}"),
+                json!({"workflow_id": id, "input": input}),
+            )
+            .await?;
+        match reply["status"].as_str() {
+            Some("started") => acknowledged.push((id, i % 3)),
+            _ => {
+                assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+                refused += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refused >= 1 && faults.injected() > 0,
+        "the disk was never full"
+    );
+    for (id, kind) in &acknowledged {
+        let expected = match kind {
+            0 => json!("ok 42"),
+            1 => json!("gave up: Flaky: attempt 5 failed"),
+            _ => json!("short fired; long Err(\"Cancelled\")"),
+        };
+        assert_eq!(&env.outcome(id).await?, &expected, "{id}");
+        env.assert_replays(id).await?;
+    }
     env.stop().await;
     Ok(())
 }
