@@ -20,6 +20,7 @@ use baton_actors::{
     worker::{PoolHandle, PoolOptions, start_pool},
 };
 use baton_orchestrator::{
+    faults,
     index::VectorIndex,
     pipelines::{
         self, Models,
@@ -445,6 +446,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::warn!(index_dir = %dir.display(), %queue, "--index-dir ignored: only `--queue index` holds the vector index");
             }
             let pool = pool(&client, Arc::new(registry(&models)?), &queue, concurrency).await?;
+            // The chaos suite's fault-injection hook; off unless BATON_CHAOS_FAULTS=1.
+            let _faults = if faults::enabled() {
+                Some(faults::serve(client.clone(), &queue, &pool).await?)
+            } else {
+                None
+            };
             ctrl_c().await;
             if let Some(s) = search {
                 s.stop();
