@@ -480,9 +480,20 @@ fn replay_closes(
     }
 }
 
+/// One recovery: a workflow a fault hit, and how long until its next event.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// Seconds from the fault to the workflow's next event.
+    pub seconds: f64,
+    /// The workflow.
+    pub workflow_id: String,
+    /// Which fault (index in the scenario's list, from 0).
+    pub fault: usize,
+}
+
 /// Recovery times: for each fault, each workflow it hit, from the fault to that
-/// workflow's next event in the journal (seconds).
-pub fn recovery(faults: &[Fault], rb: &Readback) -> Vec<f64> {
+/// workflow's next event in the journal.
+pub fn recovery(faults: &[Fault], rb: &Readback) -> Vec<Recovery> {
     // workflow ID -> event times; run ID -> workflow ID.
     let mut times: HashMap<String, Vec<u64>> = HashMap::new();
     let mut spans: Vec<(String, u64, Option<u64>)> = Vec::new();
@@ -500,7 +511,7 @@ pub fn recovery(faults: &[Fault], rb: &Readback) -> Vec<f64> {
         times.insert(id.clone(), at);
     }
     let mut out = Vec::new();
-    for f in faults {
+    for (k, f) in faults.iter().enumerate() {
         let hit: Vec<String> = match &f.affected {
             Affected::Attempts(a) => {
                 let mut ids: Vec<String> = a.iter().map(|a| a.workflow_id.clone()).collect();
@@ -521,7 +532,11 @@ pub fn recovery(faults: &[Fault], rb: &Readback) -> Vec<f64> {
                 .get(&id)
                 .and_then(|t| t.iter().find(|t| **t >= f.at_ms))
             {
-                out.push((next - f.at_ms) as f64 / 1000.0);
+                out.push(Recovery {
+                    seconds: (next - f.at_ms) as f64 / 1000.0,
+                    workflow_id: id,
+                    fault: k,
+                });
             }
         }
     }
@@ -619,6 +634,35 @@ pub fn show_history(h: &Value) -> String {
     events_of(h)
         .iter()
         .map(|e| format!("    {}", shorten(e)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A history in short: one line per event with its time, type, activity sequence, attempt
+/// and worker.
+pub fn compact_history(h: &Value) -> String {
+    events_of(h)
+        .iter()
+        .map(|e| {
+            let mut line = format!(
+                "    {} #{} {}",
+                e["at_ms"],
+                e["event_id"],
+                e["type"].as_str().unwrap_or("?")
+            );
+            for k in ["seq", "activity", "attempt", "worker"] {
+                if let Some(v) = e.get(k).filter(|v| !v.is_null()) {
+                    line.push_str(&format!(
+                        " {k}={}",
+                        v.as_str().map_or(v.to_string(), str::to_string)
+                    ));
+                }
+            }
+            if let Some(kind) = e["failure"]["kind"].as_str() {
+                line.push_str(&format!(" failure={kind}"));
+            }
+            line
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }

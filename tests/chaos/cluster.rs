@@ -85,6 +85,8 @@ pub struct Attempt {
     pub attempt: u32,
     /// The workflow ID.
     pub workflow_id: String,
+    /// The activity (in `activity started` lines).
+    pub activity: String,
 }
 
 /// `key=value` of a tracing log line (values unquoted).
@@ -102,6 +104,7 @@ fn attempt_of(line: &str) -> Option<Attempt> {
         seq: field(line, "seq")?.parse().ok()?,
         attempt: field(line, "attempt")?.parse().ok()?,
         workflow_id: field(line, "workflow_id").unwrap_or("").to_string(),
+        activity: field(line, "activity").unwrap_or("").to_string(),
     })
 }
 

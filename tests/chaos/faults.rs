@@ -78,22 +78,15 @@ fn jitter(rng: &mut Rng, lo_ms: u64, hi_ms: u64) -> Duration {
 }
 
 /// Waits (up to 15 s) for a worker, trying them round robin from `start`, that holds at
-/// least one attempt (`heartbeat_only`: a heartbeating one). Returns its index.
+/// least one attempt (`heartbeat_only`: of a heartbeating activity). Returns its index.
 async fn busy_worker(c: &Cluster, start: usize, heartbeat_only: bool) -> Option<usize> {
     let n = c.workers.len();
     wait_for(Duration::from_secs(15), || {
         (0..n).map(|k| (start + k) % n).find(|&i| {
-            cluster::in_flight(&c.workers[i].current_log())
+            let log = c.workers[i].current_log();
+            cluster::in_flight(&log)
                 .iter()
-                .any(|a| {
-                    !heartbeat_only || {
-                        // The log line of the attempt names its activity.
-                        c.workers[i].current_log().lines().any(|l| {
-                            l.contains("activity started activity=chaos_heartbeat")
-                                && l.contains(&format!("run_id={} seq={} ", a.run_id, a.seq))
-                        })
-                    }
-                })
+                .any(|a| !heartbeat_only || a.activity.starts_with("chaos_heartbeat"))
         })
     })
     .await

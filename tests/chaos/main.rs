@@ -82,6 +82,12 @@ struct Opts {
     /// result to a next activity (journaled twice in one append).
     #[arg(long, value_delimiter = ',', default_values_t = ["2".to_string(), "3e".into(), "9".into(), "5e".into()])]
     oversize: Vec<String>,
+    /// Known gaps of the runtime to report as such instead of failing on them (named in
+    /// RELIABILITY.md's findings): `s12-late` (a paused worker's late report of an attempt
+    /// JetStream redelivered is recorded; the orchestrator has no heartbeat timeout of its
+    /// own to fence it). The violations are still printed, marked KNOWN GAP.
+    #[arg(long, value_delimiter = ',')]
+    known_gap: Vec<String>,
     /// Where to copy the process logs of a scenario with violations.
     #[arg(long, default_value = "target/chaos-logs")]
     logs: PathBuf,
@@ -200,7 +206,7 @@ async fn run(opts: Opts) -> Result<bool> {
 
 fn header() -> String {
     format!(
-        "| scenario | workflows | faults | {} | re-executed attempts (+redelivered) | recovery p50 / p99 / max (s) |\n|---|---|---|{}---|---|",
+        "| scenario | workflows | faults | {} | scenario checks | re-executed attempts (+redelivered) | recovery p50 / p99 / max (s) |\n|---|---|---|{}---|---|---|",
         INVARIANTS.join(" | "),
         "---|".repeat(INVARIANTS.len())
     )
@@ -223,8 +229,14 @@ fn row(o: &Outcome) -> String {
             f.recovery.len()
         )
     };
+    let scenario_checks: usize = f
+        .counts
+        .iter()
+        .filter(|(k, _)| k.starts_with('S'))
+        .map(|(_, n)| n)
+        .sum();
     format!(
-        "| {} | {} | {} | {} | {} (+{}) | {} |",
+        "| {} | {} | {} | {} | {scenario_checks} | {} (+{}) | {} |",
         scenario_name(o.scenario),
         f.workflows,
         f.faults,
@@ -263,6 +275,7 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
         limits,
         profile,
         oversize,
+        Duration::from_secs(opts.drain_s),
     );
     let clients: Vec<_> = (0..opts.concurrency)
         .map(|_| tokio::spawn(w.clone().client(c.client.clone())))
@@ -294,6 +307,21 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
         Some(Instant::now() + Duration::from_secs(opts.drain_s));
     for h in clients {
         h.await?;
+    }
+    // Runs a client gave up waiting for get the rest of the drain to close.
+    let drain_until = w
+        .drain_until
+        .lock()
+        .expect("drain")
+        .unwrap_or_else(Instant::now);
+    for (id, e) in w.ledger.snapshot() {
+        let closed = matches!(
+            e.result,
+            Some(ResultReply::Completed { .. } | ResultReply::Failed { .. })
+        );
+        if e.acked && !closed {
+            wait_closed(&c.client, &w.ledger, &id, || drain_until).await;
+        }
     }
     let mut notes = Vec::new();
     let mut v: Vec<Violation> = Vec::new();
@@ -366,9 +394,30 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
             .iter()
             .map(|w| cluster::redeliveries(&w.process.log_contents()))
             .sum(),
-        recovery: check::recovery(&faults, &rb),
         ..Default::default()
     };
+    let recoveries = check::recovery(&faults, &rb);
+    figures.recovery = recoveries.iter().map(|r| r.seconds).collect();
+    // The slowest recovery, with its fault and history, to see where the time went.
+    if let Some(slow) = recoveries
+        .iter()
+        .max_by(|a, b| a.seconds.total_cmp(&b.seconds))
+    {
+        let f = &faults[slow.fault];
+        notes.push(format!(
+            "slowest recovery: {:.1} s, {} after fault {} ({} on {} at {}, healed at {})",
+            slow.seconds,
+            slow.workflow_id,
+            slow.fault + 1,
+            f.kind,
+            f.target,
+            f.at_ms,
+            f.healed_ms
+        ));
+        if let Some(Ok(h)) = rb.histories.get(&slow.workflow_id) {
+            notes.push(format!("its history:\n{}", check::compact_history(h)));
+        }
+    }
     figures.faults = match s {
         13 => w.duplicate_starts.load(Ordering::SeqCst) + ledger.len(),
         14 | 15 => edge.sent,
@@ -383,11 +432,22 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
             notes.push(format!("3: {by:?}"));
         }
         12 => {
-            let (held, late, elsewhere) = check::late_results(&faults, &rb, &mut v);
+            let mut late_v = Vec::new();
+            let (held, late, elsewhere) = check::late_results(&faults, &rb, &mut late_v);
             notes.push(format!(
                 "12: {} pauses of 6-9 s held {held} attempts; {late} late results recorded; {elsewhere} completed by another worker",
                 faults.len()
             ));
+            if opts.known_gap.iter().any(|g| g == "s12-late") {
+                for x in late_v {
+                    notes.push(format!(
+                        "KNOWN GAP (--known-gap s12-late, not counted): {} {}: {}",
+                        x.invariant, x.workflow_id, x.detail
+                    ));
+                }
+            } else {
+                v.extend(late_v);
+            }
         }
         14 | 15 => {
             notes.push(format!(

@@ -225,6 +225,9 @@ pub struct Workload {
     /// Duplicate starts sent (scenario 13).
     pub duplicate_starts: AtomicUsize,
     oversize: Vec<Blob>,
+    /// Longest a client waits for one run before giving up on it and starting the next
+    /// (the checker then finds the run lost); keeps a stuck run from stalling the load.
+    pub patience: Duration,
 }
 
 impl Workload {
@@ -235,6 +238,7 @@ impl Workload {
         limits: Limits,
         profile: Profile,
         oversize: Vec<Blob>,
+        patience: Duration,
     ) -> Arc<Workload> {
         Arc::new(Workload {
             ledger: Ledger::default(),
@@ -247,6 +251,7 @@ impl Workload {
             profile,
             duplicate_starts: AtomicUsize::new(0),
             oversize,
+            patience,
         })
     }
 
@@ -255,6 +260,11 @@ impl Workload {
             .lock()
             .expect("drain deadline")
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+    }
+
+    /// The deadline of a wait begun now: the drain's, or the client's patience.
+    fn wait_deadline(&self, since: Instant) -> Instant {
+        self.deadline().min(since + self.patience)
     }
 
     /// The `n`-th run's steps.
@@ -293,7 +303,8 @@ impl Workload {
                 .await
                 .is_some()
             {
-                wait_closed(&client, &self.ledger, &id, || self.deadline()).await;
+                let since = Instant::now();
+                wait_closed(&client, &self.ledger, &id, || self.wait_deadline(since)).await;
             }
         }
     }
@@ -306,7 +317,8 @@ impl Workload {
             (0..3).map(|_| start_until_answered(client, &self.ledger, id, input, deadline));
         futures::future::join_all(starts).await;
         start_until_answered(client, &self.ledger, id, input, deadline).await;
-        wait_closed(client, &self.ledger, id, || self.deadline()).await;
+        let since = Instant::now();
+        wait_closed(client, &self.ledger, id, || self.wait_deadline(since)).await;
         let mut other = input.clone();
         other["seed"] = Value::from(input["seed"].as_u64().unwrap_or(0) ^ 1);
         start_until_answered(client, &self.ledger, id, &other, deadline).await;
