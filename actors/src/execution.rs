@@ -253,12 +253,13 @@ pub(crate) enum ExecMsg {
     EvictCheck { epoch: u64 },
 }
 
-/// How long past its heartbeat timeout an attempt may go unheard by the orchestrator before
-/// it fails it: twice the timeout (the worker's pool enforces the timeout itself and kills
-/// the runner; this catches a worker process that is frozen or cut off) plus the second
-/// by which the pool batches liveness writes.
+/// How long an attempt may go unheard by the orchestrator before it fails it: the heartbeat
+/// timeout, plus the second by which the pool batches liveness writes and half a second for
+/// their way through JetStream. (The worker's pool enforces the timeout itself and kills the
+/// runner; this catches a worker process that is frozen or cut off, before JetStream's ack
+/// wait hands its task to another worker under the same attempt number.)
 fn heartbeat_limit_ms(timeout_ms: u64) -> u64 {
-    2 * timeout_ms + 1_000
+    timeout_ms + 1_500
 }
 
 /// When to first look at a dispatched attempt, if the orchestrator watches it.

@@ -285,6 +285,10 @@ pub enum PoolMsg {
     },
     /// Periodic: progress acks and deadline checks.
     Tick,
+    /// Fault injection only (the chaos suite): the pool panics in its handler, as a bug
+    /// would, and its supervisor must replace it. Sent by nothing but the fault hook of a
+    /// worker started with `BATON_CHAOS_FAULTS=1` (`baton_orchestrator::faults`).
+    InjectPanic,
 }
 
 /// What a pool is started with.
@@ -429,6 +433,7 @@ impl Actor for Pool {
                 }
             }
             PoolMsg::Tick => tick(state).await,
+            PoolMsg::InjectPanic => panic!("fault injection: pool panic requested"),
         }
         Ok(())
     }

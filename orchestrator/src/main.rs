@@ -20,6 +20,7 @@ use baton_actors::{
     worker::{PoolHandle, PoolOptions, start_pool},
 };
 use baton_orchestrator::{
+    faults,
     index::VectorIndex,
     pipelines::{
         self, Models,
@@ -536,7 +537,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::warn!(index_dir = %dir.display(), %queue, "--index-dir ignored: only `--queue index` holds the vector index");
             }
             let pool = pool(&client, Arc::new(registry(&models)?), &queue, concurrency).await?;
+            // The chaos suite's fault-injection hook; off unless BATON_CHAOS_FAULTS=1.
+            let faults_hook = if faults::enabled() {
+                Some(faults::serve(client.clone(), &queue, &pool).await?)
+            } else {
+                None
+            };
             shutdown_signal().await;
+            if let Some(hook) = faults_hook {
+                hook.abort();
+            }
             tracing::info!(grace_ms = shutdown_grace_ms, "shutting down");
             let abandoned = pool
                 .shutdown(Duration::from_millis(shutdown_grace_ms))

@@ -1,5 +1,6 @@
 //! Integration tests against real nats-server and baton processes. One module per area.
 
+mod chaos;
 mod cluster;
 mod crash;
 mod edge;

@@ -9,6 +9,10 @@
 //! - `bench [ARGS...]`: `setup`, build `baton` and `baton-loadgen` in release mode, run the
 //!   load generator against a fresh `baton dev` (`--help` lists its options); with
 //!   `--micro`, run the criterion micro-benchmarks instead.
+//! - `chaos [--debug] [ARGS...]`: `setup`, build `baton` and the chaos driver
+//!   (`baton-chaos`, `tests/chaos/`) in release mode (debug with `--debug`), run the driver:
+//!   faults under load, then invariants I1-I8 (`--help` lists its options: `--scenarios`,
+//!   `--workflows`, `--faults`, `--concurrency`, ...). Its exit code is passed through.
 //! - `bench --embedder [--runs N] [--passes N] [--stages]`: the bare `Embedder`
 //!   (`baton-embedbench`) against Python onnxruntime (`benches/python/embed_bench.py`, in a
 //!   venv created once under `.baton/bench-venv`) on the same texts, model and threads,
@@ -32,6 +36,11 @@ commands:
   test [ARGS]    setup, build the binaries, then `cargo test --workspace ARGS`
   demo [ARGS]    setup, build baton (release), then run `baton demo ARGS`
   bench [ARGS]   setup, build (release), run the end-to-end load generator `baton-loadgen ARGS`
+  chaos [--debug] [ARGS]
+                 setup, build baton and the chaos driver (release; --debug for a debug
+                 build), run `baton-chaos ARGS`: faults under load, invariants I1-I8
+                 (--scenarios 2,3,4,12,13,14,15 --workflows N --faults K --concurrency C;
+                 `cargo xtask chaos --help` for all)
   bench --micro  run the criterion micro-benchmarks (`cargo bench -p baton-benches`)
   bench --embedder [--runs N] [--passes N] [--stages]
                  the bare Embedder vs Python onnxruntime, same model, texts and threads";
@@ -46,6 +55,7 @@ fn main() -> ExitCode {
         Some("test") => test(&rest),
         Some("demo") => demo(&rest),
         Some("bench") => bench(&rest),
+        Some("chaos") => chaos(&rest),
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -190,6 +200,39 @@ fn bench(args: &[String]) -> Result<ExitCode> {
             .args(args)
             .current_dir(repo_root())
             .env("BATON_HOME", &home),
+    )?;
+    Ok(exit_code(st))
+}
+
+/// `cargo xtask chaos`: setup, build `baton` and `baton-chaos` (release unless `--debug`),
+/// run the driver against that `baton`.
+fn chaos(args: &[String]) -> Result<ExitCode> {
+    let debug = args.iter().any(|a| a == "--debug");
+    let rest: Vec<&String> = args.iter().filter(|a| *a != "--debug").collect();
+    let home = baton_home();
+    setup::run(&home)?;
+    let mut build = cargo([
+        "build",
+        "-p",
+        "baton-orchestrator",
+        "--bin",
+        "baton",
+        "-p",
+        "baton-tests",
+        "--bin",
+        "baton-chaos",
+    ]);
+    if !debug {
+        build.arg("--release");
+    }
+    check(&mut build)?;
+    let dir = target_dir().join(if debug { "debug" } else { "release" });
+    let st = status(
+        Command::new(dir.join("baton-chaos"))
+            .args(rest)
+            .current_dir(repo_root())
+            .env("BATON_HOME", &home)
+            .env("BATON_BIN", dir.join("baton")),
     )?;
     Ok(exit_code(st))
 }

@@ -14,6 +14,7 @@
 
 mod activities;
 pub mod bench;
+pub mod chaos;
 pub mod eval;
 pub mod finetune;
 pub mod ingest;
@@ -133,6 +134,7 @@ pub fn factory(models: Arc<Models>) -> anyhow::Result<Registry> {
     )
     .context("registering compute_embeddings")?;
     bench::register(&mut r).context("registering bench_pipeline")?;
+    chaos::register(&mut r).context("registering chaos_pipeline")?;
     Ok(r)
 }
 
