@@ -529,12 +529,8 @@ impl Journal {
             count = missing.len(),
             "repairing journal mirror"
         );
-        let ack =
-            publish_mirror(streams, &record.workflow_id, run_id, &missing, Some(head)).await?;
-        let seq = ack
-            .await
-            .map_err(|e| Error::Mirror(e.to_string()))?
-            .sequence;
+        let seq = publish_mirror_chain(streams, &record.workflow_id, run_id, &missing, Some(head))
+            .await?;
         chain.insert(run_id.into(), seq);
         Ok(())
     }
@@ -622,6 +618,7 @@ impl Writer {
         }
         let mut chain = self.chain.lock().await;
         let mut acks = Vec::with_capacity(per_run.len());
+        let mut result = Ok(());
         for (run_id, workflow_id, events) in &per_run {
             let starts_run = events.first().is_some_and(|e| e.id == 1);
             let expected = if starts_run {
@@ -629,10 +626,29 @@ impl Writer {
             } else {
                 chain.get(run_id).copied()
             };
-            acks.push(publish_mirror(streams, workflow_id, run_id, events, expected).await?);
+            if fits_one_message(streams, events) {
+                acks.push((
+                    run_id,
+                    events,
+                    publish_mirror(streams, workflow_id, run_id, events, expected).await?,
+                ));
+                continue;
+            }
+            // Over the server's message limit (large payloads): several messages, chained.
+            match publish_mirror_chain(streams, workflow_id, run_id, events, expected).await {
+                Ok(_) if events.last().is_some_and(|e| e.kind.is_close()) => {
+                    chain.remove(run_id);
+                }
+                Ok(seq) => {
+                    chain.insert(run_id.clone(), seq);
+                }
+                Err(e) => {
+                    chain.remove(run_id);
+                    result = Err(e);
+                }
+            }
         }
-        let mut result = Ok(());
-        for ((run_id, _, events), ack) in per_run.iter().zip(acks) {
+        for (run_id, events, ack) in acks {
             match ack.await {
                 Ok(ack) => {
                     if events.last().is_some_and(|e| e.kind.is_close()) {
@@ -649,6 +665,61 @@ impl Writer {
         }
         result
     }
+}
+
+/// Whether a run's events fit in one mirror message.
+fn fits_one_message(streams: &Streams, events: &[Event]) -> bool {
+    let size: usize = events
+        .iter()
+        .map(|e| codec::encode(e).map_or(usize::MAX / 2, |b| b.len()))
+        .sum();
+    size + MIRROR_ENVELOPE <= streams.js_max_payload()
+}
+
+/// Room left in a mirror message for its envelope (IDs, framing).
+const MIRROR_ENVELOPE: usize = 1024;
+
+/// Publishes a run's events as as many mirror messages as the server's limit needs (an
+/// event each at worst), each chained to the one before; returns the last one's sequence.
+async fn publish_mirror_chain(
+    streams: &Streams,
+    workflow_id: &str,
+    run_id: &str,
+    events: &[Event],
+    expected_last_subject_seq: Option<u64>,
+) -> Result<u64, Error> {
+    let limit = streams.js_max_payload();
+    let mut expected = expected_last_subject_seq;
+    let mut start = 0;
+    let mut last = 0;
+    while start < events.len() {
+        let mut end = start;
+        let mut size = MIRROR_ENVELOPE;
+        while end < events.len() {
+            let n = codec::encode(&events[end])
+                .map_err(|e| Error::Mirror(e.to_string()))?
+                .len();
+            if end > start && size + n > limit {
+                break;
+            }
+            size += n;
+            end += 1;
+        }
+        if size > limit {
+            return Err(Error::Mirror(format!(
+                "run {run_id}: event {} is {size} bytes, over the server's message limit of {limit}",
+                events[start].id
+            )));
+        }
+        last = publish_mirror(streams, workflow_id, run_id, &events[start..end], expected)
+            .await?
+            .await
+            .map_err(|e| Error::Mirror(e.to_string()))?
+            .sequence;
+        expected = Some(last);
+        start = end;
+    }
+    Ok(last)
 }
 
 async fn publish_mirror(

@@ -351,11 +351,25 @@ async fn edge(rt: Arc<Runtime>, client: Client, mut sub: async_nats::Subscriber,
             if message.subject.as_str() == subject::API_SEARCH {
                 return;
             }
+            let subject = message.subject.clone();
             let reply = handler(rt, message).await;
-            let (bytes, content_type) = match (&reply.body, reply.format) {
+            let (mut bytes, content_type) = match (&reply.body, reply.format) {
                 (Ok(v), f) => (f.encode(v), f),
                 (Err(e), f) => (f.encode(e), f),
             };
+            // A reply over the server's message limit (a history of large payloads) would
+            // never arrive: the client gets a clear error instead of a timeout.
+            let limit = client.server_info().max_payload.saturating_sub(4096);
+            if let Ok(b) = &bytes
+                && b.len() > limit
+            {
+                let size = b.len();
+                tracing::warn!(%subject, size, "edge reply over the message limit");
+                bytes = content_type.encode(&ErrorReply::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("the reply is {size} bytes; the server's message limit is {limit}"),
+                ));
+            }
             let mut headers = HeaderMap::new();
             headers.insert(
                 CONTENT_TYPE,

@@ -53,13 +53,13 @@ fn chaos_paused_worker_late_report_dropped() {
     chaos(&["--scenarios", "12", "--workflows", "20", "--faults", "6"]);
 }
 
-/// A 5 MiB activity result handed to the next activity: the journal appends both events in
-/// one JetStream mirror message of about 10 MiB, over the server's 8 MiB `max_payload`;
-/// the append fails, the execution restarts and repairs its mirror with the same oversize
-/// message, forever: the run never closes (I1) and its report is never acked. Un-ignore
-/// once the journal splits or refuses such appends.
+/// A 5 MiB activity result handed to the next activity. The journal now splits a mirror
+/// append over the server's 8 MiB `max_payload` into chained messages, so these runs close
+/// with the right result; but their history (two 5 MiB payloads as JSON) is over the limit
+/// as one `baton.api.history` reply, which is answered `payload_too_large`, so the driver
+/// cannot check them. Un-ignore once histories can be read in pages.
 #[test]
-#[ignore = "known bug: a journal append over the server's max_payload never closes the run"]
+#[ignore = "known limit: a history over the server's max_payload cannot be read in one reply"]
 fn chaos_oversize_result_journaled_twice() {
     chaos(&[
         "--scenarios",
