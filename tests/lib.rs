@@ -578,8 +578,7 @@ impl Client {
         let request = StartRequest {
             workflow_id: workflow_id.map(str::to_string),
             input,
-            id_reuse_policy: None,
-            id_conflict_policy: None,
+            ..Default::default()
         };
         let reply = self
             .request_json(

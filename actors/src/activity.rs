@@ -1,6 +1,9 @@
 //! The activity SDK: [`ActivityContext`], what an activity function sees of its attempt.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use baton_transport::Payload;
 use serde::{Serialize, de::DeserializeOwned};
@@ -28,6 +31,7 @@ pub struct ActivityContext {
     info: ActivityInfo,
     heartbeat: HeartbeatSink,
     details: Option<Payload>,
+    cancelled: Arc<AtomicBool>,
 }
 
 impl ActivityContext {
@@ -37,7 +41,21 @@ impl ActivityContext {
             info,
             heartbeat: Arc::new(sink),
             details: None,
+            cancelled: Arc::default(),
         }
+    }
+
+    /// The same context, whose cancellation is read from `flag` (set by the worker when the
+    /// workflow asks the activity to stop).
+    pub fn with_cancel_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancelled = flag;
+        self
+    }
+
+    /// Whether the workflow has asked this activity to stop (learnt at a heartbeat). A
+    /// cooperative activity then returns [`crate::ActivityError::cancelled`].
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
     }
 
     /// The same context, resuming from `details`: the last heartbeat details an earlier

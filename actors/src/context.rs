@@ -6,7 +6,7 @@
 //! rebuilt, and must issue the same commands in the same order.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     marker::PhantomData,
     pin::Pin,
@@ -17,7 +17,11 @@ use std::{
 use baton_transport::{Payload, wire::Failure};
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{error::ActivityError, options::ActivityOptions, registry::Policies};
+use crate::{
+    error::{ActivityError, WorkflowError},
+    options::{ActivityOptions, ChildOptions},
+    registry::Policies,
+};
 
 /// A typed handle on an activity: its registered name, its input and output types.
 pub struct ActivityDef<I, O> {
@@ -57,6 +61,45 @@ pub enum Command {
         /// How long to sleep, in milliseconds.
         duration_ms: u64,
     },
+    /// Cancel a timer that has not fired.
+    CancelTimer {
+        /// Sequence number of the timer.
+        seq: u32,
+    },
+    /// Record that the code took a patched path.
+    RecordMarker {
+        /// The patch ID.
+        patch: String,
+    },
+    /// Start a child workflow.
+    StartChild {
+        /// Sequence number (shared with activities).
+        seq: u32,
+        /// The child's workflow type.
+        workflow_type: String,
+        /// The child's workflow ID.
+        workflow_id: String,
+        /// The child's input.
+        input: Payload,
+        /// Its options.
+        options: ChildOptions,
+    },
+    /// Signal another workflow.
+    SignalExternal {
+        /// Sequence number (shared with activities).
+        seq: u32,
+        /// The target workflow ID.
+        workflow_id: String,
+        /// The signal's name.
+        name: String,
+        /// Its payload.
+        input: Payload,
+    },
+    /// Close the run and start a new run of the same workflow ID with `input`.
+    ContinueAsNew {
+        /// The new run's input.
+        input: Payload,
+    },
     /// Close the run as completed.
     CompleteWorkflow {
         /// Output.
@@ -83,6 +126,20 @@ pub(crate) struct Shared {
     pub(crate) signal_wakers: HashMap<String, Vec<Waker>>,
     /// Query handlers registered by the workflow code.
     pub(crate) queries: HashMap<String, QueryHandler>,
+    /// Cancellation of the run has been requested.
+    pub(crate) cancel_requested: bool,
+    /// Code waiting for cancellation.
+    pub(crate) cancel_wakers: Vec<Waker>,
+    /// Timers started and neither fired nor cancelled.
+    pub(crate) open_timers: HashSet<u32>,
+    /// The code is being replayed over recorded history (for `patched`).
+    pub(crate) replaying: bool,
+    /// Patch markers anywhere in the recorded history.
+    pub(crate) history_markers: HashSet<String>,
+    /// Patch markers the code has asked to record.
+    pub(crate) markers: HashSet<String>,
+    /// The input of the new run, once the code asked to continue as new.
+    pub(crate) continue_as_new: Option<Payload>,
 }
 
 /// A query handler: reads the workflow's state, changes nothing.
@@ -150,11 +207,13 @@ impl WorkflowContext {
     }
 
     /// Sleeps on a durable timer: it survives restarts of the orchestrator and fires once
-    /// `duration` has passed since it was started.
+    /// `duration` has passed since it was started. Resolves to `Err` (kind `Cancelled`) if
+    /// the timer is cancelled ([`WorkflowContext::cancel_timer`], or the run's cancellation).
     pub fn sleep(&self, duration: std::time::Duration) -> TimerFuture {
         let mut shared = self.shared.lock().expect("workflow context lock");
         let seq = shared.next_seq;
         shared.next_seq += 1;
+        shared.open_timers.insert(seq);
         shared.commands.push(Command::StartTimer {
             seq,
             duration_ms: duration.as_millis() as u64,
@@ -163,6 +222,146 @@ impl WorkflowContext {
             shared: self.shared.clone(),
             seq,
         }
+    }
+
+    /// Cancels a timer that has not fired: its future resolves as cancelled and the
+    /// orchestrator never fires it. Cancelling a fired or cancelled timer does nothing.
+    pub fn cancel_timer(&self, timer: TimerId) {
+        let mut shared = self.shared.lock().expect("workflow context lock");
+        if !shared.open_timers.remove(&timer.0) {
+            return;
+        }
+        shared.commands.push(Command::CancelTimer { seq: timer.0 });
+        shared.results.insert(
+            timer.0,
+            Err(ActivityError::cancelled("timer cancelled").into()),
+        );
+        if let Some(w) = shared.wakers.remove(&timer.0) {
+            w.wake();
+        }
+    }
+
+    /// Whether cancellation of this run has been requested.
+    pub fn is_cancel_requested(&self) -> bool {
+        self.shared
+            .lock()
+            .expect("workflow context lock")
+            .cancel_requested
+    }
+
+    /// Resolves once cancellation of this run has been requested (for code that waits on
+    /// nothing cancellable, such as signals).
+    pub fn cancelled(&self) -> CancelledFuture {
+        CancelledFuture {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Versioning: whether this execution runs the code path of patch `id`. True for runs
+    /// that reach this point after the patch was deployed (a marker is recorded); false
+    /// when replaying a run recorded before it, which took the old path. Lets code change
+    /// under running executions without breaking their replay.
+    pub fn patched(&self, id: &str) -> bool {
+        let mut shared = self.shared.lock().expect("workflow context lock");
+        if shared.markers.contains(id) || shared.history_markers.contains(id) {
+            if shared.markers.insert(id.to_string()) {
+                shared
+                    .commands
+                    .push(Command::RecordMarker { patch: id.into() });
+            }
+            return true;
+        }
+        if shared.replaying {
+            return false;
+        }
+        shared.markers.insert(id.to_string());
+        shared
+            .commands
+            .push(Command::RecordMarker { patch: id.into() });
+        true
+    }
+
+    /// Closes this run and starts a new run of the same workflow ID with `input` and a
+    /// fresh history (for workflows that would otherwise grow without bound). Return the
+    /// error this gives from the workflow function: `return Err(ctx.continue_as_new(&x))`.
+    /// Signals the run received and did not consume are carried to the new run.
+    pub fn continue_as_new<I: Serialize>(&self, input: &I) -> WorkflowError {
+        match Payload::encode(input) {
+            Ok(p) => {
+                self.shared
+                    .lock()
+                    .expect("workflow context lock")
+                    .continue_as_new = Some(p);
+                WorkflowError::new(CONTINUE_AS_NEW, "continued as new")
+            }
+            Err(e) => WorkflowError::new("EncodeError", format!("continue-as-new input: {e}")),
+        }
+    }
+
+    /// Starts a child workflow of `workflow_type` and resolves to its output, or to its
+    /// failure (including a start refused because its workflow ID is running:
+    /// `WorkflowAlreadyStarted`). The child is a run of its own, durable and visible like
+    /// any other; its outcome is recorded in this run's history.
+    pub fn child_workflow<I: Serialize, O: DeserializeOwned>(
+        &self,
+        workflow_type: &str,
+        input: &I,
+        options: ChildOptions,
+    ) -> ResultFuture<O> {
+        let input = match Payload::encode(input) {
+            Ok(p) => p,
+            Err(e) => {
+                return ResultFuture::refused(ActivityError::non_retryable(
+                    "EncodeError",
+                    e.to_string(),
+                ));
+            }
+        };
+        let mut shared = self.shared.lock().expect("workflow context lock");
+        let seq = shared.next_seq;
+        shared.next_seq += 1;
+        let workflow_id = options
+            .workflow_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-child-{seq}", self.workflow_id));
+        shared.commands.push(Command::StartChild {
+            seq,
+            workflow_type: workflow_type.into(),
+            workflow_id,
+            input,
+            options,
+        });
+        ResultFuture::waiting(self.shared.clone(), seq)
+    }
+
+    /// Signals another workflow; resolves once the target has recorded it, or to a
+    /// `NotFound` / `WorkflowClosed` failure when there is no running workflow of that ID.
+    /// Delivered at most once even across restarts of this node.
+    pub fn signal_workflow<I: Serialize>(
+        &self,
+        workflow_id: &str,
+        name: &str,
+        input: &I,
+    ) -> ResultFuture<()> {
+        let input = match Payload::encode(input) {
+            Ok(p) => p,
+            Err(e) => {
+                return ResultFuture::refused(ActivityError::non_retryable(
+                    "EncodeError",
+                    e.to_string(),
+                ));
+            }
+        };
+        let mut shared = self.shared.lock().expect("workflow context lock");
+        let seq = shared.next_seq;
+        shared.next_seq += 1;
+        shared.commands.push(Command::SignalExternal {
+            seq,
+            workflow_id: workflow_id.into(),
+            name: name.into(),
+            input,
+        });
+        ResultFuture::waiting(self.shared.clone(), seq)
     }
 
     /// Schedules an activity with the options the registry declares for it.
@@ -202,21 +401,36 @@ impl WorkflowContext {
             input,
             options,
         });
-        ActivityFuture {
-            shared: Some(self.shared.clone()),
-            seq,
-            refused: None,
-            _out: PhantomData,
-        }
+        ResultFuture::waiting(self.shared.clone(), seq)
     }
 
     fn refuse<O>(&self, error: ActivityError) -> ActivityFuture<O> {
-        ActivityFuture {
-            shared: None,
-            seq: u32::MAX,
-            refused: Some(error),
-            _out: PhantomData,
+        ResultFuture::refused(error)
+    }
+}
+
+/// The failure kind a workflow returns to continue as new.
+pub(crate) const CONTINUE_AS_NEW: &str = "ContinueAsNew";
+
+/// Names a timer, to cancel it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimerId(u32);
+
+/// Resolves once cancellation of the run has been requested.
+pub struct CancelledFuture {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Future for CancelledFuture {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut shared = self.shared.lock().expect("workflow context lock");
+        if shared.cancel_requested {
+            return Poll::Ready(());
         }
+        shared.cancel_wakers.push(cx.waker().clone());
+        Poll::Pending
     }
 }
 
@@ -250,34 +464,69 @@ impl<T: DeserializeOwned> Future for SignalFuture<T> {
     }
 }
 
-/// Resolves once the timer's firing is recorded in the journal.
+/// Resolves once the timer's firing is recorded in the journal, or to a `Cancelled` error
+/// when the timer is cancelled.
 pub struct TimerFuture {
     shared: Arc<Mutex<Shared>>,
     seq: u32,
 }
 
-impl Future for TimerFuture {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut shared = self.shared.lock().expect("workflow context lock");
-        if shared.results.remove(&self.seq).is_some() {
-            return Poll::Ready(());
-        }
-        shared.wakers.insert(self.seq, cx.waker().clone());
-        Poll::Pending
+impl TimerFuture {
+    /// The timer's name, for [`WorkflowContext::cancel_timer`].
+    pub fn id(&self) -> TimerId {
+        TimerId(self.seq)
     }
 }
 
-/// Resolves to the activity's result once the journal has recorded it.
-pub struct ActivityFuture<O> {
+impl Future for TimerFuture {
+    type Output = Result<(), ActivityError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut shared = self.shared.lock().expect("workflow context lock");
+        match shared.results.remove(&self.seq) {
+            Some(Ok(_)) => Poll::Ready(Ok(())),
+            Some(Err(f)) => Poll::Ready(Err(f.into())),
+            None => {
+                shared.wakers.insert(self.seq, cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// An activity's result, once the journal has recorded it.
+pub type ActivityFuture<O> = ResultFuture<O>;
+
+/// Resolves to a result (an activity's, a child workflow's, a signal's delivery) once the
+/// journal has recorded it.
+pub struct ResultFuture<O> {
     shared: Option<Arc<Mutex<Shared>>>,
     seq: u32,
     refused: Option<ActivityError>,
     _out: PhantomData<fn() -> O>,
 }
 
-impl<O: DeserializeOwned> Future for ActivityFuture<O> {
+impl<O> ResultFuture<O> {
+    fn waiting(shared: Arc<Mutex<Shared>>, seq: u32) -> Self {
+        ResultFuture {
+            shared: Some(shared),
+            seq,
+            refused: None,
+            _out: PhantomData,
+        }
+    }
+
+    fn refused(error: ActivityError) -> Self {
+        ResultFuture {
+            shared: None,
+            seq: u32::MAX,
+            refused: Some(error),
+            _out: PhantomData,
+        }
+    }
+}
+
+impl<O: DeserializeOwned> Future for ResultFuture<O> {
     type Output = Result<O, ActivityError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -290,7 +539,10 @@ impl<O: DeserializeOwned> Future for ActivityFuture<O> {
         let mut shared = shared.lock().expect("workflow context lock");
         match shared.results.remove(&self.seq) {
             Some(Ok(payload)) => Poll::Ready(payload.decode::<O>().map_err(|e| {
-                ActivityError::non_retryable("DecodeError", format!("activity result: {e}"))
+                ActivityError::non_retryable(
+                    "DecodeError",
+                    format!("result of seq {}: {e}", self.seq),
+                )
             })),
             Some(Err(failure)) => Poll::Ready(Err(failure.into())),
             None => {

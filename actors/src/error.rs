@@ -26,6 +26,19 @@ impl ActivityError {
         }
     }
 
+    /// The failure kind of everything a cancellation resolves.
+    pub const CANCELLED: &'static str = "Cancelled";
+
+    /// Cancelled: the workflow's cancellation reached this activity, timer or child.
+    pub fn cancelled(message: impl Into<String>) -> Self {
+        ActivityError::non_retryable(Self::CANCELLED, message)
+    }
+
+    /// Whether this is a cancellation.
+    pub fn is_cancelled(&self) -> bool {
+        self.kind == Self::CANCELLED
+    }
+
     /// A failure no retry can cure (bad input).
     pub fn non_retryable(kind: impl Into<String>, message: impl Into<String>) -> Self {
         ActivityError {

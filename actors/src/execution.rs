@@ -8,17 +8,20 @@
 //! no longer current are recognised by attempt number and dropped.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
 use async_nats::HeaderMap;
 use baton_transport::{
     Payload, codec,
-    jetstream::{Streams, task_msg_id},
+    jetstream::{Streams, heartbeat_key, task_msg_id},
     subject,
-    wire::{ActivityOutcome, ActivityReport, ActivityTask},
+    wire::{
+        ActivityOutcome, ActivityReport, ActivityTask, Failure, IdConflictPolicy, IdReusePolicy,
+        Liveness,
+    },
 };
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
@@ -28,10 +31,11 @@ use tokio::sync::broadcast;
 use crate::{
     Registry,
     context::Command,
+    error::ActivityError,
     history::{Event, EventKind},
-    journal::{Journal, RunRecord},
+    journal::{IdPolicies, Journal, ParentRef, RunRecord, RunStatus, StartOutcome},
     now_ms,
-    options::ActivityOptions,
+    options::{ActivityOptions, CancellationType, ChildOptions},
     replay::Execution,
 };
 
@@ -44,6 +48,152 @@ pub(crate) struct Runtime {
     pub(crate) closed: broadcast::Sender<String>,
     /// Live executions by run ID.
     pub(crate) executions: Mutex<HashMap<String, ActorRef<ExecMsg>>>,
+    /// The supervisor that spawns executions (set once the node has started it).
+    pub(crate) supervisor: OnceLock<ActorRef<SupervisorMsg>>,
+    /// Evict an execution idle this long (zero: after every step, so each step replays);
+    /// `None`: keep every open execution in memory.
+    pub(crate) evict_idle: Option<Duration>,
+    /// Executions brought back into memory after an eviction, since the node started.
+    pub(crate) rehydrations: std::sync::atomic::AtomicU64,
+}
+
+impl Runtime {
+    /// The live execution of a run. A run started a moment ago may be asked for before its
+    /// actor is registered, so a running run is looked up a few times.
+    /// An open run that is not in memory (evicted) is rehydrated from its journal.
+    pub(crate) async fn find_execution(&self, run_id: &str) -> Option<ActorRef<ExecMsg>> {
+        let mut asked = false;
+        for _ in 0..300 {
+            if let Some(a) = self.executions.lock().expect("executions lock").get(run_id) {
+                return Some(a.clone());
+            }
+            match self.journal.run(run_id) {
+                Ok(Some(run)) if run.status == RunStatus::Running => {
+                    if !asked && let Some(s) = self.supervisor.get() {
+                        asked = true;
+                        let _ = s.send_message(SupervisorMsg::Rehydrate {
+                            run_id: run_id.to_string(),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// Starts the execution actor of a run just created in the journal.
+    pub(crate) fn spawn_run(self: &Arc<Self>, run: RunRecord, history: Vec<Event>) {
+        let Some(supervisor) = self.supervisor.get() else {
+            tracing::error!(run_id = %run.run_id, "no supervisor; the run starts at the next restart");
+            return;
+        };
+        let args = ExecArgs {
+            rt: self.clone(),
+            run,
+            history,
+            mode: StartMode::New,
+        };
+        if let Err(e) = supervisor.send_message(SupervisorMsg::Spawn(args)) {
+            tracing::error!(error = %e, "supervisor gone; the run starts at the next restart");
+        }
+    }
+}
+
+/// Why a message for a workflow ID could not be delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DeliveryError {
+    /// No workflow of that ID.
+    NotFound(String),
+    /// The workflow is closed.
+    Closed(String),
+    /// Not now (the run is restarting, the journal failed): retry.
+    Unavailable(String),
+}
+
+impl DeliveryError {
+    fn failure(&self) -> Failure {
+        let (kind, message) = match self {
+            DeliveryError::NotFound(m) => ("NotFound", m),
+            DeliveryError::Closed(m) => ("WorkflowClosed", m),
+            DeliveryError::Unavailable(m) => ("Unavailable", m),
+        };
+        Failure {
+            kind: kind.into(),
+            message: message.clone(),
+            retryable: matches!(self, DeliveryError::Unavailable(_)),
+        }
+    }
+}
+
+/// Delivers a message to the running run of a workflow ID, following continue-as-new:
+/// a run that closes while the message is on its way hands it to the run that follows.
+/// `make` builds the message around its reply port. Returns the run that took it.
+pub(crate) async fn deliver(
+    rt: &Runtime,
+    workflow_id: &str,
+    make: impl Fn(RpcReplyPort<Result<(), String>>) -> ExecMsg,
+) -> Result<RunRecord, DeliveryError> {
+    let mut last = String::new();
+    for _ in 0..20 {
+        let run = match rt.journal.run_of(workflow_id) {
+            Ok(Some(run)) => run,
+            Ok(None) => {
+                return Err(DeliveryError::NotFound(format!(
+                    "no workflow {workflow_id:?}"
+                )));
+            }
+            Err(e) => return Err(DeliveryError::Unavailable(e.to_string())),
+        };
+        if run.status != RunStatus::Running {
+            return Err(DeliveryError::Closed(format!(
+                "workflow {workflow_id:?} is {}",
+                run.status.as_str()
+            )));
+        }
+        if let Some(actor) = rt.find_execution(&run.run_id).await {
+            match actor.call(&make, Some(Duration::from_secs(30))).await {
+                Ok(ractor::rpc::CallResult::Success(Ok(()))) => return Ok(run),
+                Ok(ractor::rpc::CallResult::Success(Err(e))) => last = e,
+                Ok(other) => last = format!("{other:?}"),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        // The run closed (continue-as-new hands over to its successor) or is restarting.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(DeliveryError::Unavailable(format!(
+        "workflow {workflow_id:?} did not take the message: {last}"
+    )))
+}
+
+/// How a child workflow's run ended, as its parent learns it.
+#[derive(Debug, Clone)]
+pub(crate) enum ChildOutcome {
+    Completed(Payload),
+    Failed(Failure),
+    /// The child continued as new: its workflow goes on in this run.
+    ContinuedAs(String),
+}
+
+impl ChildOutcome {
+    /// The outcome a close event gives.
+    fn of_close(kind: &EventKind) -> Option<ChildOutcome> {
+        Some(match kind {
+            EventKind::WorkflowCompleted { output } => ChildOutcome::Completed(output.clone()),
+            EventKind::WorkflowFailed { failure } => ChildOutcome::Failed(failure.clone()),
+            EventKind::WorkflowTerminated { kind, reason } => ChildOutcome::Failed(Failure {
+                kind: kind.clone(),
+                message: reason.clone(),
+                retryable: kind == "TimedOut",
+            }),
+            EventKind::WorkflowContinuedAsNew { new_run_id, .. } => {
+                ChildOutcome::ContinuedAs(new_run_id.clone())
+            }
+            _ => return None,
+        })
+    }
 }
 
 /// Messages of an execution actor.
@@ -58,10 +208,11 @@ pub(crate) enum ExecMsg {
     Redispatch,
     /// A durable timer is due.
     TimerDue { seq: u32 },
-    /// A signal: answered once it is journaled.
+    /// A signal: answered once it is journaled (or known by its request ID).
     Signal {
         name: String,
         input: Payload,
+        request_id: Option<String>,
         reply: RpcReplyPort<Result<(), String>>,
     },
     /// A query, answered from the workflow's state.
@@ -71,6 +222,55 @@ pub(crate) enum ExecMsg {
     },
     /// An activity's schedule-to-close deadline is due.
     Deadline { seq: u32 },
+    /// Request cancellation of the run: answered once journaled.
+    Cancel {
+        reason: String,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+    /// Close the run without running its code (`Terminated`, or `TimedOut` from its
+    /// execution timeout).
+    Terminate {
+        kind: String,
+        reason: String,
+        reply: Option<RpcReplyPort<Result<(), String>>>,
+    },
+    /// Start (or, after a restart, find) the current attempt of a child workflow.
+    ChildStart { seq: u32 },
+    /// Look whether a running child has closed (a safety net under `ChildClosed`).
+    ChildPoll { seq: u32 },
+    /// A child's run closed.
+    ChildClosed {
+        seq: u32,
+        run_id: String,
+        outcome: ChildOutcome,
+    },
+    /// An external signal was delivered (no failure) or could not be.
+    ExternalSignalDone { seq: u32, failure: Option<Failure> },
+    /// Check an attempt's schedule-to-start and heartbeat timeouts against what its worker
+    /// recorded in `BATON_LIVENESS`.
+    AttemptCheck { seq: u32, attempt: u32 },
+    /// Evict the execution if nothing happened since the step numbered `epoch`.
+    EvictCheck { epoch: u64 },
+}
+
+/// How long an attempt may go unheard by the orchestrator before it fails it: the heartbeat
+/// timeout, plus the second by which the pool batches liveness writes and half a second for
+/// their way through JetStream. (The worker's pool enforces the timeout itself and kills the
+/// runner; this catches a worker process that is frozen or cut off, before JetStream's ack
+/// wait hands its task to another worker under the same attempt number.)
+fn heartbeat_limit_ms(timeout_ms: u64) -> u64 {
+    timeout_ms + 1_500
+}
+
+/// When to first look at a dispatched attempt, if the orchestrator watches it.
+fn first_check(options: &ActivityOptions) -> Option<Duration> {
+    let sts = options.schedule_to_start_ms;
+    let hb = options.heartbeat_timeout_ms.map(heartbeat_limit_ms);
+    match (sts, hb) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+    .map(Duration::from_millis)
 }
 
 struct Pending {
@@ -83,6 +283,34 @@ struct Pending {
     due_ms: u64,
     /// The schedule-to-close deadline (Unix ms), if the activity has one.
     deadline_ms: Option<u64>,
+    /// The workflow's cancellation reached it (`wait_cancellation_completed`): no more
+    /// retries; the next report resolves it.
+    cancel_requested: bool,
+    /// When the current attempt was last dispatched (Unix ms; 0 before), for its
+    /// schedule-to-start timeout.
+    dispatched_ms: u64,
+}
+
+struct Child {
+    workflow_type: String,
+    workflow_id: String,
+    input: Payload,
+    options: ChildOptions,
+    /// The current attempt, from 1.
+    attempt: u32,
+    /// The current attempt's run, once started.
+    run_id: Option<String>,
+    /// When the current attempt may start (Unix ms), for retries in backoff.
+    due_ms: u64,
+    cancel_requested: bool,
+    /// A `ChildPoll` is armed.
+    polling: bool,
+}
+
+struct OutSignal {
+    workflow_id: String,
+    name: String,
+    input: Payload,
 }
 
 pub(crate) struct ExecState {
@@ -93,8 +321,78 @@ pub(crate) struct ExecState {
     pending: BTreeMap<u32, Pending>,
     /// Durable timers started and not fired: seq -> fire time (Unix ms).
     timers: BTreeMap<u32, u64>,
+    children: BTreeMap<u32, Child>,
+    signals_out: BTreeMap<u32, OutSignal>,
+    /// Request IDs of the signals recorded (a retried delivery is not recorded twice).
+    seen_signals: HashSet<String>,
+    cancel_requested: bool,
     /// Set when the code no longer matches the journal: the run stays open, untouched.
     blocked: Option<String>,
+    /// Steps handled, for idle eviction.
+    epoch: u64,
+}
+
+/// What a cancellation request must still do outside the journal.
+#[derive(Default)]
+struct CancelEffects {
+    /// Activities whose workers are told to stop.
+    activities: Vec<u32>,
+    /// Activities in backoff waiting for their cancellation to resolve them.
+    backoff: Vec<(u32, u32)>,
+    /// Child runs asked to cancel.
+    child_runs: Vec<String>,
+    /// Children not started yet waiting for their cancellation to resolve them.
+    unstarted_children: Vec<u32>,
+}
+
+/// Applies a cancellation request to the run's in-flight work, the same way live and when
+/// rebuilding from the journal (the replay core resolves the same things for the code).
+fn apply_cancel(
+    pending: &mut BTreeMap<u32, Pending>,
+    timers: &mut BTreeMap<u32, u64>,
+    children: &mut BTreeMap<u32, Child>,
+) -> CancelEffects {
+    let mut fx = CancelEffects::default();
+    timers.clear();
+    pending.retain(|seq, p| match p.options.cancellation {
+        CancellationType::Abandon => false,
+        CancellationType::TryCancel => {
+            fx.activities.push(*seq);
+            false
+        }
+        CancellationType::WaitCancellationCompleted => {
+            p.cancel_requested = true;
+            fx.activities.push(*seq);
+            if p.due_ms > 0 {
+                fx.backoff.push((*seq, p.attempt));
+            }
+            true
+        }
+    });
+    children.retain(|seq, c| {
+        if c.options.cancellation != CancellationType::Abandon {
+            match &c.run_id {
+                Some(r) => fx.child_runs.push(r.clone()),
+                None => fx.unstarted_children.push(*seq),
+            }
+        }
+        match c.options.cancellation {
+            CancellationType::WaitCancellationCompleted => {
+                c.cancel_requested = true;
+                true
+            }
+            _ => false,
+        }
+    });
+    fx
+}
+
+fn cancelled_failure(what: &str) -> Failure {
+    Failure {
+        kind: ActivityError::CANCELLED.into(),
+        message: format!("{what} was cancelled with its workflow"),
+        retryable: false,
+    }
 }
 
 pub(crate) struct ExecutionActor;
@@ -104,8 +402,21 @@ pub(crate) struct ExecArgs {
     pub(crate) rt: Arc<Runtime>,
     pub(crate) run: RunRecord,
     pub(crate) history: Vec<Event>,
-    /// Rebuilt after a restart (in-flight tasks are checked, not blindly republished).
-    pub(crate) recovering: bool,
+    /// Why the actor starts.
+    pub(crate) mode: StartMode,
+}
+
+/// Why an execution actor starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StartMode {
+    /// A run just created.
+    New,
+    /// Rebuilt after a node restart or a failure: in-flight tasks are checked (not blindly
+    /// republished) on `Redispatch`; children, external signals and a cancellation resume.
+    Recovering,
+    /// Brought back into memory after an idle eviction: everything it had started is still
+    /// on its way, so nothing is dispatched again; its timers and checks are re-armed.
+    Rehydrating,
 }
 
 impl Actor for ExecutionActor {
@@ -122,8 +433,9 @@ impl Actor for ExecutionActor {
             rt,
             run,
             history,
-            recovering,
+            mode,
         } = args;
+        let recovering = mode == StartMode::Recovering;
         let def = rt
             .registry
             .workflow_def(&run.workflow_type)
@@ -141,6 +453,11 @@ impl Actor for ExecutionActor {
         );
         let mut pending: BTreeMap<u32, Pending> = BTreeMap::new();
         let mut timers: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut children: BTreeMap<u32, Child> = BTreeMap::new();
+        let mut signals_out: BTreeMap<u32, OutSignal> = BTreeMap::new();
+        let mut seen_signals = HashSet::new();
+        let mut cancel_requested = false;
+        let mut cancel_fx = CancelEffects::default();
         let mut blocked = None;
         // Rebuild the workflow's state the way it ran; what the code issued beyond the
         // journal (it ran ahead of a crash) is new work.
@@ -168,13 +485,15 @@ impl Actor for ExecutionActor {
                             attempt: 1,
                             due_ms: 0,
                             deadline_ms: options.schedule_to_close_ms.map(|d| event.at_ms + d),
+                            cancel_requested: false,
+                            dispatched_ms: 0,
                         },
                     );
                 }
                 EventKind::TimerStarted { seq, fire_at_ms } => {
                     timers.insert(*seq, *fire_at_ms);
                 }
-                EventKind::TimerFired { seq } => {
+                EventKind::TimerFired { seq } | EventKind::TimerCancelled { seq } => {
                     timers.remove(seq);
                 }
                 EventKind::ActivityCompleted { seq, .. }
@@ -196,6 +515,86 @@ impl Actor for ExecutionActor {
                         p.due_ms = event.at_ms + delay;
                     }
                 }
+                EventKind::SignalReceived {
+                    request_id: Some(id),
+                    ..
+                } => {
+                    seen_signals.insert(id.clone());
+                }
+                EventKind::WorkflowCancelRequested { .. } => {
+                    cancel_requested = true;
+                    cancel_fx = apply_cancel(&mut pending, &mut timers, &mut children);
+                }
+                EventKind::ChildWorkflowScheduled {
+                    seq,
+                    workflow_type,
+                    workflow_id,
+                    input,
+                    options,
+                } => {
+                    children.insert(
+                        *seq,
+                        Child {
+                            workflow_type: workflow_type.clone(),
+                            workflow_id: workflow_id.clone(),
+                            input: input.clone(),
+                            options: options.clone(),
+                            attempt: 1,
+                            run_id: None,
+                            due_ms: 0,
+                            cancel_requested: false,
+                            polling: false,
+                        },
+                    );
+                }
+                EventKind::ChildWorkflowStarted {
+                    seq,
+                    attempt,
+                    run_id,
+                } => {
+                    if let Some(c) = children.get_mut(seq) {
+                        c.attempt = *attempt;
+                        c.run_id = Some(run_id.clone());
+                    }
+                }
+                EventKind::ChildWorkflowCompleted { seq, .. }
+                | EventKind::ChildWorkflowFailed {
+                    seq,
+                    retry_in_ms: None,
+                    ..
+                } => {
+                    children.remove(seq);
+                }
+                EventKind::ChildWorkflowFailed {
+                    seq,
+                    attempt,
+                    retry_in_ms: Some(delay),
+                    ..
+                } => {
+                    if let Some(c) = children.get_mut(seq) {
+                        c.attempt = attempt + 1;
+                        c.run_id = None;
+                        c.due_ms = event.at_ms + delay;
+                    }
+                }
+                EventKind::ExternalSignalScheduled {
+                    seq,
+                    workflow_id,
+                    name,
+                    input,
+                } => {
+                    signals_out.insert(
+                        *seq,
+                        OutSignal {
+                            workflow_id: workflow_id.clone(),
+                            name: name.clone(),
+                            input: input.clone(),
+                        },
+                    );
+                }
+                EventKind::ExternalSignalResolved { seq, .. } => {
+                    signals_out.remove(seq);
+                }
                 _ => {}
             }
         }
@@ -216,6 +615,15 @@ impl Actor for ExecutionActor {
                 );
             }
         }
+        if let Some(deadline) = run.deadline_ms {
+            myself.send_after(Duration::from_millis(deadline.saturating_sub(now)), || {
+                ExecMsg::Terminate {
+                    kind: "TimedOut".into(),
+                    reason: "the workflow ran past its execution timeout".into(),
+                    reply: None,
+                }
+            });
+        }
         let mut state = ExecState {
             rt,
             run,
@@ -223,7 +631,12 @@ impl Actor for ExecutionActor {
             next_event_id,
             pending,
             timers,
+            children,
+            signals_out,
+            seen_signals,
+            cancel_requested,
             blocked,
+            epoch: 0,
         };
         if state.blocked.is_none() {
             state.record(now_ms(), Vec::new(), ahead, &myself).await?;
@@ -241,12 +654,59 @@ impl Actor for ExecutionActor {
                 myself.send_after(Duration::from_millis(p.due_ms - now), move || {
                     ExecMsg::RetryDue { seq, attempt }
                 });
-            } else if !recovering && p.due_ms > 0 {
+            } else if mode == StartMode::New && p.due_ms > 0 {
                 myself.send_message(ExecMsg::RetryDue {
                     seq: *seq,
                     attempt: p.attempt,
                 })?;
             }
+        }
+        // Children, external signals and a cancellation resume from the journal too; each
+        // step is idempotent (deterministic child run IDs, signal request IDs).
+        if recovering {
+            for (&seq, c) in &state.children {
+                if c.due_ms > now {
+                    myself.send_after(Duration::from_millis(c.due_ms - now), move || {
+                        ExecMsg::ChildStart { seq }
+                    });
+                } else {
+                    myself.send_message(ExecMsg::ChildStart { seq })?;
+                }
+            }
+            for &seq in state.signals_out.keys() {
+                state.send_external_signal(seq, &myself);
+            }
+            if state.cancel_requested {
+                state.after_cancel(cancel_fx, &myself).await;
+            }
+        }
+        if mode == StartMode::Rehydrating {
+            // Evicted only with every attempt dispatched and every child started: their
+            // checks and polls are armed again from now.
+            let now = now_ms();
+            let mut checks = Vec::new();
+            for (&seq, p) in state.pending.iter_mut() {
+                p.dispatched_ms = now;
+                if let Some(first) = first_check(&p.options) {
+                    checks.push((seq, p.attempt, first));
+                }
+            }
+            for (seq, attempt, first) in checks {
+                myself.send_after(first, move || ExecMsg::AttemptCheck { seq, attempt });
+            }
+            for (&seq, c) in state.children.iter_mut() {
+                c.polling = true;
+                myself.send_after(CHILD_POLL, move || ExecMsg::ChildPoll { seq });
+            }
+            // The message that brought the run back comes next: it is taken before the run
+            // may leave again (else a zero cache could evict it before it arrives, forever).
+            if let Some(idle) = state.rt.evict_idle {
+                myself.send_after(idle.max(Duration::from_secs(1)), || ExecMsg::EvictCheck {
+                    epoch: 0,
+                });
+            }
+        } else {
+            state.after_step(&myself);
         }
         Ok(state)
     }
@@ -258,8 +718,25 @@ impl Actor for ExecutionActor {
         state: &mut ExecState,
     ) -> Result<(), ActorProcessingErr> {
         if state.blocked.is_some() {
-            if let ExecMsg::Report(_, reply) = msg {
-                let _ = reply.send(Err("execution blocked by non-determinism".into()));
+            match msg {
+                ExecMsg::Report(_, reply)
+                | ExecMsg::Signal { reply, .. }
+                | ExecMsg::Cancel { reply, .. } => {
+                    let _ = reply.send(Err("execution blocked by non-determinism".into()));
+                }
+                // A blocked run can still be terminated.
+                ExecMsg::Terminate {
+                    kind,
+                    reason,
+                    reply,
+                } => {
+                    let r = state.terminate(kind, reason, &myself).await;
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    }
+                    r?;
+                }
+                _ => {}
             }
             return Ok(());
         }
@@ -270,17 +747,48 @@ impl Actor for ExecutionActor {
                 r?;
             }
             ExecMsg::RetryDue { seq, attempt } => {
-                if state
-                    .pending
-                    .get(&seq)
-                    .is_some_and(|p| p.attempt == attempt)
-                {
-                    state.dispatch(&[seq], false).await?;
+                let Some(p) = state.pending.get(&seq).filter(|p| p.attempt == attempt) else {
+                    return Ok(());
+                };
+                if p.cancel_requested {
+                    // Cancelled in backoff: there is no attempt to wait for.
+                    state.pending.remove(&seq);
+                    let kind = EventKind::ActivityFailed {
+                        seq,
+                        attempt: attempt.saturating_sub(1).max(1),
+                        worker: "orchestrator".into(),
+                        failure: cancelled_failure("the activity"),
+                        retry_in_ms: None,
+                    };
+                    state.resolve(kind, &myself).await?;
+                } else {
+                    state.dispatch(&[seq], false, &myself).await?;
                 }
             }
-            ExecMsg::Signal { name, input, reply } => {
+            ExecMsg::Signal {
+                name,
+                input,
+                request_id,
+                reply,
+            } => {
+                if let Some(id) = &request_id
+                    && state.seen_signals.contains(id)
+                {
+                    let _ = reply.send(Ok(()));
+                    return Ok(());
+                }
+                if let Some(id) = &request_id {
+                    state.seen_signals.insert(id.clone());
+                }
                 let r = state
-                    .resolve(EventKind::SignalReceived { name, input }, &myself)
+                    .resolve(
+                        EventKind::SignalReceived {
+                            name,
+                            input,
+                            request_id,
+                        },
+                        &myself,
+                    )
                     .await;
                 let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 r?;
@@ -304,7 +812,7 @@ impl Actor for ExecutionActor {
                 if due {
                     let p = state.pending.remove(&seq).expect("pending activity");
                     tracing::warn!(run_id = %state.run.run_id, seq, activity = %p.activity, "activity failed: schedule-to-close timeout");
-                    let failure = baton_transport::wire::Failure {
+                    let failure = Failure {
                         kind: "ScheduleToCloseTimeout".into(),
                         message: format!(
                             "activity {:?} did not complete within its schedule-to-close timeout of {} ms",
@@ -328,17 +836,149 @@ impl Actor for ExecutionActor {
                 let due: Vec<u32> = state
                     .pending
                     .iter()
-                    .filter(|(_, p)| p.due_ms <= now)
+                    .filter(|(_, p)| p.due_ms <= now && !(p.cancel_requested && p.due_ms > 0))
                     .map(|(s, _)| *s)
                     .collect();
-                state.dispatch(&due, true).await?;
+                state.dispatch(&due, true, &myself).await?;
+            }
+            ExecMsg::Cancel { reason, reply } => {
+                let r = state.cancel(reason, &myself).await;
+                let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                r?;
+            }
+            ExecMsg::Terminate {
+                kind,
+                reason,
+                reply,
+            } => {
+                let r = state.terminate(kind, reason, &myself).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                }
+                r?;
+            }
+            ExecMsg::ChildStart { seq } => state.start_child(seq, &myself).await?,
+            ExecMsg::ChildPoll { seq } => {
+                let run_id = match state.children.get_mut(&seq) {
+                    Some(c) => {
+                        c.polling = false;
+                        c.run_id.clone()
+                    }
+                    None => None,
+                };
+                if let Some(run_id) = run_id {
+                    state.check_child(seq, run_id, &myself).await?;
+                }
+            }
+            ExecMsg::ChildClosed {
+                seq,
+                run_id,
+                outcome,
+            } => state.on_child_closed(seq, run_id, outcome, &myself).await?,
+            ExecMsg::AttemptCheck { seq, attempt } => {
+                state.check_attempt(seq, attempt, &myself).await?
+            }
+            ExecMsg::EvictCheck { epoch } => {
+                if epoch == state.epoch {
+                    state.evict_if_idle(&myself);
+                }
+                return Ok(());
+            }
+            ExecMsg::ExternalSignalDone { seq, failure } => {
+                if state.signals_out.remove(&seq).is_some() {
+                    state
+                        .resolve(EventKind::ExternalSignalResolved { seq, failure }, &myself)
+                        .await?;
+                }
             }
         }
+        state.after_step(&myself);
         Ok(())
     }
 }
 
+/// Tells the workers running these activities of a run to stop (they see it at their
+/// next heartbeat).
+async fn mark_cancelled(rt: &Runtime, run_id: &str, seqs: &[u32]) {
+    for &seq in seqs {
+        let key = heartbeat_key(run_id, seq);
+        if let Err(e) = rt.streams.cancels.put(key, "1".into()).await {
+            tracing::warn!(run_id, seq, error = %e, "cancellation mark not stored");
+        }
+    }
+}
+
+/// How often a parent looks whether a running child has closed, in case the child's
+/// notice was lost (the parent was restarting when it closed).
+const CHILD_POLL: Duration = Duration::from_secs(5);
+
 impl ExecState {
+    /// After each message: arm the idle-eviction check (or, with zero cache, evict now).
+    fn after_step(&mut self, myself: &ActorRef<ExecMsg>) {
+        let Some(idle) = self.rt.evict_idle else {
+            return;
+        };
+        if self.run.closed_ms.is_some() {
+            return;
+        }
+        self.epoch += 1;
+        let epoch = self.epoch;
+        if idle.is_zero() {
+            // Queued behind the messages already waiting: the run leaves memory once its
+            // mailbox is drained. A message that finds it gone is retried by its sender.
+            let _ = myself.send_message(ExecMsg::EvictCheck { epoch });
+        } else {
+            myself.send_after(idle, move || ExecMsg::EvictCheck { epoch });
+        }
+    }
+
+    /// Leaves memory if the run only waits (on timers, dispatched activities, started
+    /// children, signals): the supervisor keeps its next wake-up time, and a message for the
+    /// run or that time brings it back by replaying its journal. A run in the middle of
+    /// something the journal cannot resume without it (a retry in backoff, a child not
+    /// started yet, a signal on its way out) stays.
+    fn evict_if_idle(&mut self, myself: &ActorRef<ExecMsg>) {
+        if self.blocked.is_some() || self.run.closed_ms.is_some() {
+            return;
+        }
+        let now = now_ms();
+        let busy = self.pending.values().any(|p| p.dispatched_ms == 0)
+            || self.children.values().any(|c| c.run_id.is_none())
+            || !self.signals_out.is_empty();
+        if busy {
+            return;
+        }
+        let mut wake: Vec<u64> = self.timers.values().copied().collect();
+        wake.extend(self.run.deadline_ms);
+        for p in self.pending.values() {
+            wake.extend(p.deadline_ms);
+            wake.extend(
+                p.options
+                    .schedule_to_start_ms
+                    .map(|sts| p.dispatched_ms + sts),
+            );
+            wake.extend(
+                p.options
+                    .heartbeat_timeout_ms
+                    .map(|hb| now + heartbeat_limit_ms(hb)),
+            );
+        }
+        if !self.children.is_empty() {
+            // A child's close is delivered by message; look again now and then anyway.
+            wake.push(now + CHILD_POLL.as_millis() as u64);
+        }
+        let Some(supervisor) = self.rt.supervisor.get() else {
+            return;
+        };
+        tracing::debug!(run_id = %self.run.run_id, "execution evicted");
+        let _ = supervisor.send_message(SupervisorMsg::Evicted {
+            run_id: self.run.run_id.clone(),
+            actor: myself.get_id(),
+            wake_at_ms: wake.into_iter().min(),
+        });
+        myself.stop(Some("evicted".into()));
+    }
+
     async fn on_report(
         &mut self,
         report: ActivityReport,
@@ -365,16 +1005,23 @@ impl ExecState {
                 }
             }
             ActivityOutcome::Failed { failure } => {
-                // No retry whose backoff would run past the schedule-to-close deadline.
+                // No retry whose backoff would run past the schedule-to-close deadline, and
+                // none once the workflow's cancellation has reached the activity.
                 let now = now_ms();
-                let retry = p.options.retry.next_delay(attempt, &failure).filter(|d| {
-                    p.deadline_ms
-                        .is_none_or(|dl| now + (d.as_millis() as u64) < dl)
-                });
+                let retry = p
+                    .options
+                    .retry
+                    .next_delay(attempt, &failure)
+                    .filter(|d| {
+                        p.deadline_ms
+                            .is_none_or(|dl| now + (d.as_millis() as u64) < dl)
+                    })
+                    .filter(|_| !p.cancel_requested);
                 match retry {
                     Some(delay) => {
                         p.attempt += 1;
                         p.due_ms = now + delay.as_millis() as u64;
+                        p.dispatched_ms = 0;
                         let next = p.attempt;
                         tracing::warn!(run_id = %self.run.run_id, seq, attempt, kind = %failure.kind, retry_in_ms = delay.as_millis() as u64,
                         "activity attempt failed; retrying");
@@ -404,6 +1051,476 @@ impl ExecState {
             }
         };
         self.resolve(first, myself).await
+    }
+
+    /// The orchestrator's side of schedule-to-start and heartbeat timeouts: reads what the
+    /// worker recorded of the attempt and fails it (as a report from "orchestrator", so the
+    /// retry policy applies and a late report of the attempt is dropped) or looks again.
+    async fn check_attempt(
+        &mut self,
+        seq: u32,
+        attempt: u32,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = now_ms();
+        let Some(p) = self
+            .pending
+            .get(&seq)
+            .filter(|p| p.attempt == attempt && p.due_ms <= now && p.dispatched_ms > 0)
+        else {
+            return Ok(());
+        };
+        let (sts, hb, dispatched) = (
+            p.options.schedule_to_start_ms,
+            p.options.heartbeat_timeout_ms,
+            p.dispatched_ms,
+        );
+        let key = heartbeat_key(&self.run.run_id, seq);
+        let entry = match self.rt.streams.liveness.entry(key).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(run_id = %self.run.run_id, seq, error = %e, "liveness not readable; looking again");
+                myself.send_after(Duration::from_secs(1), move || ExecMsg::AttemptCheck {
+                    seq,
+                    attempt,
+                });
+                return Ok(());
+            }
+        };
+        let started_at = entry.and_then(|e| {
+            let live: Liveness = codec::decode(&e.value).ok()?;
+            (live.attempt == attempt)
+                .then(|| (e.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+        });
+        let (failure, next) = match (started_at, sts, hb) {
+            (None, Some(sts), _) if now >= dispatched + sts => (
+                Some((
+                    "ScheduleToStartTimeout",
+                    format!("no worker started the attempt within {sts} ms"),
+                    false,
+                )),
+                None,
+            ),
+            (None, Some(sts), _) => (None, Some(dispatched + sts - now)),
+            // Not started and no schedule-to-start: nothing to enforce until it starts.
+            (None, None, Some(hb)) => (None, Some(heartbeat_limit_ms(hb))),
+            (Some(at), _, Some(hb)) if now > at + heartbeat_limit_ms(hb) => (
+                Some((
+                    "HeartbeatTimeout",
+                    format!(
+                        "the orchestrator heard nothing of the attempt for {} ms (heartbeat timeout {hb} ms)",
+                        now - at
+                    ),
+                    true,
+                )),
+                None,
+            ),
+            (Some(at), _, Some(hb)) => (None, Some(at + heartbeat_limit_ms(hb) + 1 - now)),
+            _ => (None, None),
+        };
+        if let Some(wait) = next {
+            myself.send_after(Duration::from_millis(wait.max(1)), move || {
+                ExecMsg::AttemptCheck { seq, attempt }
+            });
+        }
+        if let Some((kind, message, retryable)) = failure {
+            tracing::warn!(run_id = %self.run.run_id, seq, attempt, kind, "attempt failed by the orchestrator");
+            let report = ActivityReport {
+                workflow_id: self.run.workflow_id.clone(),
+                run_id: self.run.run_id.clone(),
+                seq,
+                attempt,
+                worker: "orchestrator".into(),
+                outcome: ActivityOutcome::Failed {
+                    failure: Failure {
+                        kind: kind.into(),
+                        message,
+                        retryable,
+                    },
+                },
+            };
+            self.on_report(report, myself).await?;
+        }
+        Ok(())
+    }
+
+    /// Journals the cancellation request, hands it to the code, and tells the activities
+    /// and children it reaches.
+    async fn cancel(
+        &mut self,
+        reason: String,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        if self.cancel_requested {
+            return Ok(());
+        }
+        self.cancel_requested = true;
+        let fx = apply_cancel(&mut self.pending, &mut self.timers, &mut self.children);
+        tracing::info!(workflow_id = %self.run.workflow_id, run_id = %self.run.run_id, %reason, "cancellation requested");
+        self.resolve(EventKind::WorkflowCancelRequested { reason }, myself)
+            .await?;
+        self.after_cancel(fx, myself).await;
+        Ok(())
+    }
+
+    /// The effects of a journaled cancellation request: marks for the workers (read at
+    /// the activities' heartbeats), cancellation of child runs, and the resolution of what
+    /// waits in backoff. Safe to repeat after a restart.
+    async fn after_cancel(&mut self, fx: CancelEffects, myself: &ActorRef<ExecMsg>) {
+        mark_cancelled(&self.rt, &self.run.run_id, &fx.activities).await;
+        for (seq, attempt) in fx.backoff {
+            let _ = myself.send_message(ExecMsg::RetryDue { seq, attempt });
+        }
+        for seq in fx.unstarted_children {
+            let _ = myself.send_message(ExecMsg::ChildStart { seq });
+        }
+        for run_id in fx.child_runs {
+            let rt = self.rt.clone();
+            let parent = self.run.workflow_id.clone();
+            tokio::spawn(async move {
+                let Some(actor) = rt.find_execution(&run_id).await else {
+                    return;
+                };
+                let reason = format!("parent {parent:?} was cancelled");
+                let r = ractor::call_t!(
+                    actor,
+                    |reply| ExecMsg::Cancel {
+                        reason: reason.clone(),
+                        reply
+                    },
+                    30_000
+                );
+                if let Err(e) = r {
+                    tracing::warn!(%run_id, error = %e, "child not cancelled");
+                }
+            });
+        }
+    }
+
+    /// Closes the run from outside its code.
+    async fn terminate(
+        &mut self,
+        kind: String,
+        reason: String,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        if self.run.closed_ms.is_some() {
+            return Ok(());
+        }
+        tracing::warn!(workflow_id = %self.run.workflow_id, run_id = %self.run.run_id, %kind, %reason, "workflow closed from outside");
+        let running: Vec<u32> = self.pending.keys().copied().collect();
+        let child_runs: Vec<String> = self
+            .children
+            .values()
+            .filter_map(|c| c.run_id.clone())
+            .collect();
+        self.record(
+            now_ms(),
+            vec![EventKind::WorkflowTerminated { kind, reason }],
+            Vec::new(),
+            myself,
+        )
+        .await?;
+        mark_cancelled(&self.rt, &self.run.run_id, &running).await;
+        // Children are asked to cancel (Temporal's `request_cancel` parent-close policy).
+        let fx = CancelEffects {
+            child_runs,
+            ..Default::default()
+        };
+        self.after_cancel(fx, myself).await;
+        Ok(())
+    }
+
+    /// Starts the current attempt of a child workflow, idempotently: the child's run ID is
+    /// derived from this run, the child's seq and the attempt, so a start repeated after a
+    /// crash finds the run it created.
+    async fn start_child(
+        &mut self,
+        seq: u32,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(c) = self.children.get(&seq) else {
+            return Ok(());
+        };
+        if self.run.closed_ms.is_some() {
+            return Ok(());
+        }
+        if let Some(run_id) = c.run_id.clone() {
+            return self.check_child(seq, run_id, myself).await;
+        }
+        let now = now_ms();
+        if c.due_ms > now {
+            return Ok(());
+        }
+        let attempt = c.attempt;
+        let fail = |failure: Failure| EventKind::ChildWorkflowFailed {
+            seq,
+            attempt,
+            run_id: None,
+            failure,
+            retry_in_ms: None,
+        };
+        if c.cancel_requested {
+            self.children.remove(&seq);
+            return self
+                .resolve(fail(cancelled_failure("the child workflow")), myself)
+                .await;
+        }
+        let def = match self.rt.registry.workflow_def(&c.workflow_type) {
+            Some(def) => def,
+            None => {
+                let failure = Failure {
+                    kind: "UnknownWorkflowType".into(),
+                    message: format!("no workflow type {:?}", c.workflow_type),
+                    retryable: false,
+                };
+                self.children.remove(&seq);
+                return self.resolve(fail(failure), myself).await;
+            }
+        };
+        if let Err(e) = def.check_input(&c.input) {
+            let failure = Failure {
+                kind: "BadInput".into(),
+                message: format!("input does not fit workflow {:?}: {e}", c.workflow_type),
+                retryable: false,
+            };
+            self.children.remove(&seq);
+            return self.resolve(fail(failure), myself).await;
+        }
+        let run_id = format!("{}-{seq}-{attempt}", self.run.run_id);
+        let record = RunRecord {
+            workflow_id: c.workflow_id.clone(),
+            run_id: run_id.clone(),
+            workflow_type: c.workflow_type.clone(),
+            status: RunStatus::Running,
+            started_ms: now,
+            closed_ms: None,
+            last_event_id: 1,
+            parent: Some(ParentRef {
+                workflow_id: self.run.workflow_id.clone(),
+                run_id: self.run.run_id.clone(),
+                seq,
+            }),
+            deadline_ms: c.options.execution_timeout_ms.map(|t| now + t),
+        };
+        let started = Event {
+            id: 1,
+            at_ms: now,
+            kind: EventKind::WorkflowStarted {
+                workflow_type: c.workflow_type.clone(),
+                workflow_id: c.workflow_id.clone(),
+                input: c.input.clone(),
+            },
+        };
+        let policies = IdPolicies {
+            reuse: IdReusePolicy::AllowDuplicate,
+            conflict: IdConflictPolicy::Fail,
+        };
+        let outcome = self
+            .rt
+            .journal
+            .start_with(record.clone(), vec![started.clone()], policies)
+            .await?;
+        match outcome {
+            StartOutcome::Started => {
+                tracing::info!(parent = %self.run.workflow_id, workflow_id = %record.workflow_id, %run_id, "child workflow started");
+                self.rt.spawn_run(record, vec![started]);
+            }
+            StartOutcome::Duplicate(r) | StartOutcome::AlreadyRunning(r) if r.run_id == run_id => {
+                // Created before a crash: carry on with it.
+            }
+            StartOutcome::Duplicate(r) | StartOutcome::AlreadyRunning(r) => {
+                let failure = Failure {
+                    kind: "WorkflowAlreadyStarted".into(),
+                    message: format!(
+                        "workflow {:?} is already running (run {})",
+                        r.workflow_id, r.run_id
+                    ),
+                    retryable: false,
+                };
+                self.children.remove(&seq);
+                return self.resolve(fail(failure), myself).await;
+            }
+        }
+        if let Some(c) = self.children.get_mut(&seq) {
+            c.run_id = Some(run_id.clone());
+        }
+        self.record(
+            now_ms(),
+            vec![EventKind::ChildWorkflowStarted {
+                seq,
+                attempt,
+                run_id: run_id.clone(),
+            }],
+            Vec::new(),
+            myself,
+        )
+        .await?;
+        self.check_child(seq, run_id, myself).await
+    }
+
+    /// Applies a child's close if its run has closed; otherwise makes sure a poll is armed.
+    async fn check_child(
+        &mut self,
+        seq: u32,
+        run_id: String,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let closed = match self.rt.journal.run(&run_id)? {
+            Some(r) if r.status != RunStatus::Running => self
+                .rt
+                .journal
+                .history(&run_id)?
+                .last()
+                .and_then(|e| ChildOutcome::of_close(&e.kind)),
+            _ => None,
+        };
+        match closed {
+            Some(outcome) => self.on_child_closed(seq, run_id, outcome, myself).await,
+            None => {
+                if let Some(c) = self.children.get_mut(&seq)
+                    && !c.polling
+                {
+                    c.polling = true;
+                    myself.send_after(CHILD_POLL, move || ExecMsg::ChildPoll { seq });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_child_closed(
+        &mut self,
+        seq: u32,
+        run_id: String,
+        outcome: ChildOutcome,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(c) = self.children.get_mut(&seq) else {
+            return Ok(());
+        };
+        if c.run_id.as_deref() != Some(run_id.as_str()) {
+            return Ok(());
+        }
+        match outcome {
+            ChildOutcome::Completed(result) => {
+                self.children.remove(&seq);
+                self.resolve(
+                    EventKind::ChildWorkflowCompleted {
+                        seq,
+                        run_id,
+                        result,
+                    },
+                    myself,
+                )
+                .await
+            }
+            ChildOutcome::ContinuedAs(next) => {
+                c.run_id = Some(next.clone());
+                let attempt = c.attempt;
+                self.record(
+                    now_ms(),
+                    vec![EventKind::ChildWorkflowStarted {
+                        seq,
+                        attempt,
+                        run_id: next.clone(),
+                    }],
+                    Vec::new(),
+                    myself,
+                )
+                .await?;
+                myself.send_message(ExecMsg::ChildStart { seq })?;
+                Ok(())
+            }
+            ChildOutcome::Failed(failure) => {
+                // A child's failure is retried by its policy whatever the failure says of
+                // itself (a workflow's errors are final for the workflow, not for the
+                // parent's retry), except cancellation and termination.
+                let mut as_retryable = failure.clone();
+                as_retryable.retryable =
+                    !matches!(failure.kind.as_str(), "Cancelled" | "Terminated");
+                let retry = match (&c.options.retry, c.cancel_requested) {
+                    (Some(policy), false) => policy.next_delay(c.attempt, &as_retryable),
+                    _ => None,
+                };
+                let attempt = c.attempt;
+                match retry {
+                    Some(delay) => {
+                        let now = now_ms();
+                        c.attempt += 1;
+                        c.run_id = None;
+                        c.due_ms = now + delay.as_millis() as u64;
+                        tracing::warn!(parent = %self.run.workflow_id, seq, attempt, kind = %failure.kind, "child workflow failed; retrying");
+                        self.record(
+                            now,
+                            vec![EventKind::ChildWorkflowFailed {
+                                seq,
+                                attempt,
+                                run_id: Some(run_id),
+                                failure,
+                                retry_in_ms: Some(delay.as_millis() as u64),
+                            }],
+                            Vec::new(),
+                            myself,
+                        )
+                        .await?;
+                        myself.send_after(delay, move || ExecMsg::ChildStart { seq });
+                        Ok(())
+                    }
+                    None => {
+                        self.children.remove(&seq);
+                        self.resolve(
+                            EventKind::ChildWorkflowFailed {
+                                seq,
+                                attempt,
+                                run_id: Some(run_id),
+                                failure,
+                                retry_in_ms: None,
+                            },
+                            myself,
+                        )
+                        .await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers an external signal in the background; the outcome comes back as
+    /// `ExternalSignalDone`. The request ID makes a repeated delivery count once.
+    fn send_external_signal(&self, seq: u32, myself: &ActorRef<ExecMsg>) {
+        let Some(out) = self.signals_out.get(&seq) else {
+            return;
+        };
+        let rt = self.rt.clone();
+        let me = myself.clone();
+        let (workflow_id, name, input) =
+            (out.workflow_id.clone(), out.name.clone(), out.input.clone());
+        let request_id = format!("{}:{seq}", self.run.run_id);
+        tokio::spawn(async move {
+            let r = deliver(&rt, &workflow_id, |reply| ExecMsg::Signal {
+                name: name.clone(),
+                input: input.clone(),
+                request_id: Some(request_id.clone()),
+                reply,
+            })
+            .await;
+            let failure = match r {
+                Ok(_) => None,
+                Err(DeliveryError::Unavailable(m)) => {
+                    // Try again later rather than fail the workflow on a passing fault.
+                    tracing::warn!(%workflow_id, error = %m, "external signal not delivered yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = me.send_message(ExecMsg::ExternalSignalDone {
+                        seq,
+                        failure: Some(DeliveryError::Unavailable(m).failure()),
+                    });
+                    return;
+                }
+                Err(e) => Some(e.failure()),
+            };
+            let _ = me.send_message(ExecMsg::ExternalSignalDone { seq, failure });
+        });
     }
 
     /// Hands an event that resolves something (an activity's outcome, a timer's firing) to
@@ -436,10 +1553,19 @@ impl ExecState {
         commands: Vec<Command>,
         myself: &ActorRef<ExecMsg>,
     ) -> Result<(), ActorProcessingErr> {
+        if self.run.closed_ms.is_some() {
+            // Nothing is recorded after the close (e.g. a child started by code that
+            // returned without waiting for it is not started).
+            tracing::debug!(run_id = %self.run.run_id, "run closed; nothing more recorded");
+            return Ok(());
+        }
+        let given = kinds.len();
         let mut kinds = kinds;
         let mut to_dispatch = Vec::new();
         let mut timers = Vec::new();
-        let mut close = false;
+        let mut to_start = Vec::new();
+        let mut to_signal = Vec::new();
+        let mut continue_as_new = None;
         for command in commands {
             match command {
                 Command::ScheduleActivity {
@@ -457,6 +1583,8 @@ impl ExecState {
                             attempt: 1,
                             due_ms: 0,
                             deadline_ms: options.schedule_to_close_ms.map(|d| at_ms + d),
+                            cancel_requested: false,
+                            dispatched_ms: 0,
                         },
                     );
                     to_dispatch.push(seq);
@@ -473,13 +1601,75 @@ impl ExecState {
                     timers.push((seq, duration_ms));
                     kinds.push(EventKind::TimerStarted { seq, fire_at_ms });
                 }
+                Command::CancelTimer { seq } => {
+                    self.timers.remove(&seq);
+                    kinds.push(EventKind::TimerCancelled { seq });
+                }
+                Command::RecordMarker { patch } => {
+                    kinds.push(EventKind::MarkerRecorded { patch });
+                }
+                Command::StartChild {
+                    seq,
+                    workflow_type,
+                    workflow_id,
+                    input,
+                    options,
+                } => {
+                    self.children.insert(
+                        seq,
+                        Child {
+                            workflow_type: workflow_type.clone(),
+                            workflow_id: workflow_id.clone(),
+                            input: input.clone(),
+                            options: options.clone(),
+                            attempt: 1,
+                            run_id: None,
+                            due_ms: 0,
+                            cancel_requested: false,
+                            polling: false,
+                        },
+                    );
+                    to_start.push(seq);
+                    kinds.push(EventKind::ChildWorkflowScheduled {
+                        seq,
+                        workflow_type,
+                        workflow_id,
+                        input,
+                        options,
+                    });
+                }
+                Command::SignalExternal {
+                    seq,
+                    workflow_id,
+                    name,
+                    input,
+                } => {
+                    self.signals_out.insert(
+                        seq,
+                        OutSignal {
+                            workflow_id: workflow_id.clone(),
+                            name: name.clone(),
+                            input: input.clone(),
+                        },
+                    );
+                    to_signal.push(seq);
+                    kinds.push(EventKind::ExternalSignalScheduled {
+                        seq,
+                        workflow_id,
+                        name,
+                        input,
+                    });
+                }
                 Command::CompleteWorkflow { output } => {
-                    close = true;
                     kinds.push(EventKind::WorkflowCompleted { output });
                 }
                 Command::FailWorkflow { failure } => {
-                    close = true;
                     kinds.push(EventKind::WorkflowFailed { failure });
+                }
+                Command::ContinueAsNew { input } => {
+                    let new_run_id = uuid::Uuid::new_v4().simple().to_string();
+                    continue_as_new = Some((new_run_id.clone(), input.clone()));
+                    kinds.push(EventKind::WorkflowContinuedAsNew { new_run_id, input });
                 }
             }
         }
@@ -495,17 +1685,54 @@ impl ExecState {
                 kind,
             })
             .collect();
+        let close = events.iter().find(|e| e.kind.is_close()).cloned();
+        // Continue-as-new: the next run is created in the same transaction, with the
+        // signals this run received and did not consume.
+        let successor = continue_as_new.map(|(new_run_id, input)| {
+            let mut first = vec![Event {
+                id: 1,
+                at_ms,
+                kind: EventKind::WorkflowStarted {
+                    workflow_type: self.run.workflow_type.clone(),
+                    workflow_id: self.run.workflow_id.clone(),
+                    input,
+                },
+            }];
+            for (name, input) in self.exec.unconsumed_signals() {
+                first.push(Event {
+                    id: first.len() as u32 + 1,
+                    at_ms,
+                    kind: EventKind::SignalReceived {
+                        name,
+                        input,
+                        request_id: None,
+                    },
+                });
+            }
+            let record = RunRecord {
+                workflow_id: self.run.workflow_id.clone(),
+                run_id: new_run_id,
+                workflow_type: self.run.workflow_type.clone(),
+                status: RunStatus::Running,
+                started_ms: at_ms,
+                closed_ms: None,
+                last_event_id: first.len() as u32,
+                parent: self.run.parent.clone(),
+                deadline_ms: self.run.deadline_ms,
+            };
+            (record, first)
+        });
         self.rt
             .journal
-            .append(&self.run.run_id, events.clone())
+            .append_with(&self.run.run_id, events.clone(), successor.clone())
             .await?;
         self.next_event_id += events.len() as u32;
         self.run.last_event_id = self.next_event_id - 1;
-        for e in &events {
-            if matches!(
-                e.kind,
-                EventKind::ActivityScheduled { .. } | EventKind::TimerStarted { .. }
-            ) {
+        if close.is_some() {
+            self.run.closed_ms = Some(at_ms);
+        }
+        for e in &events[given..] {
+            if !e.kind.is_close() {
                 self.exec.apply(e)?;
             }
         }
@@ -523,11 +1750,37 @@ impl ExecState {
                 myself.send_after(Duration::from_millis(d), move || ExecMsg::Deadline { seq });
             }
         }
-        self.dispatch(&to_dispatch, false).await?;
-        if close {
-            self.run.closed_ms = Some(at_ms);
+        self.dispatch(&to_dispatch, false, myself).await?;
+        // Children start before this step's signals leave, so a signal the code sends a
+        // child it has just started finds it.
+        for seq in to_start {
+            Box::pin(self.start_child(seq, myself)).await?;
+        }
+        for seq in to_signal {
+            self.send_external_signal(seq, myself);
+        }
+        if let Some(close) = close {
             tracing::info!(workflow_id = %self.run.workflow_id, run_id = %self.run.run_id,
-                outcome = events.last().map_or("", |e| e.kind.name()), "workflow closed");
+                outcome = close.kind.name(), "workflow closed");
+            if let Some((record, first)) = successor {
+                tracing::info!(workflow_id = %record.workflow_id, run_id = %record.run_id, "continued as new");
+                self.rt.spawn_run(record, first);
+            }
+            if let (Some(parent), Some(outcome)) =
+                (self.run.parent.clone(), ChildOutcome::of_close(&close.kind))
+            {
+                let rt = self.rt.clone();
+                let run_id = self.run.run_id.clone();
+                tokio::spawn(async move {
+                    if let Some(actor) = rt.find_execution(&parent.run_id).await {
+                        let _ = actor.send_message(ExecMsg::ChildClosed {
+                            seq: parent.seq,
+                            run_id,
+                            outcome,
+                        });
+                    }
+                });
+            }
             let _ = self.rt.closed.send(self.run.workflow_id.clone());
             myself.stop(Some("closed".into()));
         }
@@ -540,12 +1793,22 @@ impl ExecState {
         &mut self,
         seqs: &[u32],
         check_queued: bool,
+        myself: &ActorRef<ExecMsg>,
     ) -> Result<(), ActorProcessingErr> {
         let mut acks = Vec::with_capacity(seqs.len());
+        let now = now_ms();
         for seq in seqs {
-            let Some(p) = self.pending.get(seq) else {
+            let Some(p) = self.pending.get_mut(seq) else {
                 continue;
             };
+            // Schedule-to-start and heartbeat timeouts are watched from now (after a
+            // restart too: never earlier than they were due).
+            p.dispatched_ms = now;
+            if let Some(first) = first_check(&p.options) {
+                let (seq, attempt) = (*seq, p.attempt);
+                myself.send_after(first, move || ExecMsg::AttemptCheck { seq, attempt });
+            }
+            let p = &self.pending[seq];
             let task_subject =
                 subject::task(&p.options.task_queue, &self.run.run_id, *seq, p.attempt);
             if check_queued && self.rt.streams.task_is_queued(&task_subject).await? {
@@ -561,6 +1824,7 @@ impl ExecState {
                 input: p.input.clone(),
                 start_to_close_ms: p.options.start_to_close_ms,
                 heartbeat_timeout_ms: p.options.heartbeat_timeout_ms,
+                liveness: p.options.schedule_to_start_ms.is_some(),
             };
             let mut headers = HeaderMap::new();
             headers.insert(
@@ -593,6 +1857,14 @@ pub(crate) enum SupervisorMsg {
     Spawn(ExecArgs),
     /// Restart a failed execution from its journal.
     Restart { run_id: String },
+    /// An execution left memory; bring it back at `wake_at_ms` if nothing does earlier.
+    Evicted {
+        run_id: String,
+        actor: ActorId,
+        wake_at_ms: Option<u64>,
+    },
+    /// Bring an evicted execution back (a message for it, or its wake-up time).
+    Rehydrate { run_id: String },
 }
 
 pub(crate) struct SupervisorState {
@@ -601,8 +1873,14 @@ pub(crate) struct SupervisorState {
     restarts: HashMap<String, u32>,
 }
 
-/// Restarts in a row after which a failing execution is left for the next node restart.
+/// Restarts after which a failing execution is reported as an error at each further one.
 const MAX_RESTARTS: u32 = 10;
+
+/// How long before the `n`-th restart of a failing execution: doubling from 200 ms, capped
+/// at 30 s, never giving up (a full disk or a lost NATS connection ends; the run goes on).
+fn restart_delay(n: u32) -> Duration {
+    Duration::from_millis((100u64 << n.min(9)).min(30_000))
+}
 
 impl Actor for Supervisor {
     type Msg = SupervisorMsg;
@@ -629,26 +1907,92 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Spawn(args) => spawn(&myself, state, args).await,
-            SupervisorMsg::Restart { run_id } => {
-                let Some(run) = state.rt.journal.run(&run_id)? else {
+            SupervisorMsg::Evicted {
+                run_id,
+                actor,
+                wake_at_ms,
+            } => {
+                // From now on the run is not in memory: messages for it rehydrate it.
+                {
+                    let mut executions = state.rt.executions.lock().expect("executions lock");
+                    if executions.get(&run_id).is_some_and(|a| a.get_id() == actor) {
+                        executions.remove(&run_id);
+                    }
+                }
+                if let Some(at) = wake_at_ms {
+                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                    myself.send_after(wait, move || SupervisorMsg::Rehydrate { run_id });
+                }
+                Ok(())
+            }
+            SupervisorMsg::Rehydrate { run_id } => {
+                if state
+                    .rt
+                    .executions
+                    .lock()
+                    .expect("executions lock")
+                    .contains_key(&run_id)
+                {
                     return Ok(());
+                }
+                let (run, history) = match read_open_run(&state.rt, &run_id) {
+                    Ok(Some(x)) => x,
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!(%run_id, error = %e, "journal unreadable; rehydrating later");
+                        myself.send_after(Duration::from_secs(1), move || {
+                            SupervisorMsg::Rehydrate { run_id }
+                        });
+                        return Ok(());
+                    }
                 };
-                if run.closed_ms.is_some() {
-                    return Ok(());
-                }
-                if let Err(e) = state.rt.journal.reconcile_mirror(&run_id).await {
-                    tracing::warn!(%run_id, error = %e, "mirror not repaired yet; retrying the restart");
-                    myself.send_after(Duration::from_secs(1), move || SupervisorMsg::Restart {
-                        run_id,
-                    });
-                    return Ok(());
-                }
-                let history = state.rt.journal.history(&run_id)?;
                 let args = ExecArgs {
                     rt: state.rt.clone(),
                     run,
                     history,
-                    recovering: true,
+                    mode: StartMode::Rehydrating,
+                };
+                state
+                    .rt
+                    .rehydrations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                spawn(&myself, state, args).await
+            }
+            SupervisorMsg::Restart { run_id } => {
+                // The journal may be failing (a full disk): retry later, never fail here.
+                let retry = |myself: &ActorRef<SupervisorMsg>, run_id: String| {
+                    myself.send_after(Duration::from_secs(1), move || SupervisorMsg::Restart {
+                        run_id,
+                    });
+                };
+                match read_open_run(&state.rt, &run_id) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!(%run_id, error = %e, "journal unreadable; retrying the restart");
+                        retry(&myself, run_id);
+                        return Ok(());
+                    }
+                }
+                if let Err(e) = state.rt.journal.reconcile_mirror(&run_id).await {
+                    tracing::warn!(%run_id, error = %e, "mirror not repaired yet; retrying the restart");
+                    retry(&myself, run_id);
+                    return Ok(());
+                }
+                let (run, history) = match read_open_run(&state.rt, &run_id) {
+                    Ok(Some(x)) => x,
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!(%run_id, error = %e, "journal unreadable; retrying the restart");
+                        retry(&myself, run_id);
+                        return Ok(());
+                    }
+                };
+                let args = ExecArgs {
+                    rt: state.rt.clone(),
+                    run,
+                    history,
+                    mode: StartMode::Recovering,
                 };
                 spawn(&myself, state, args).await?;
                 if let Some(actor) = state
@@ -679,18 +2023,32 @@ impl Actor for Supervisor {
                 if let Some(run_id) = forget(state, &cell) {
                     let n = state.restarts.entry(run_id.clone()).or_default();
                     *n += 1;
+                    let backoff = restart_delay(*n);
                     if *n > MAX_RESTARTS {
-                        tracing::error!(%run_id, %error, "execution failed {MAX_RESTARTS} times in a row; left for the next node restart");
-                        return Ok(());
+                        tracing::error!(%run_id, %error, restarts = *n, restart_in_ms = backoff.as_millis() as u64, "execution keeps failing; restarting from its journal");
+                    } else {
+                        tracing::warn!(%run_id, %error, restart_in_ms = backoff.as_millis() as u64, "execution failed; restarting from its journal");
                     }
-                    let backoff = Duration::from_millis(100 * 2u64.pow((*n).min(6)));
-                    tracing::warn!(%run_id, %error, restart_in_ms = backoff.as_millis() as u64, "execution failed; restarting from its journal");
                     myself.send_after(backoff, move || SupervisorMsg::Restart { run_id });
                 }
             }
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// A run and its history, if it is open.
+fn read_open_run(
+    rt: &Runtime,
+    run_id: &str,
+) -> Result<Option<(RunRecord, Vec<Event>)>, crate::journal::Error> {
+    match rt.journal.run(run_id)? {
+        Some(run) if run.closed_ms.is_none() => {
+            let history = rt.journal.history(run_id)?;
+            Ok(Some((run, history)))
+        }
+        _ => Ok(None),
     }
 }
 
@@ -712,6 +2070,17 @@ async fn spawn(
     args: ExecArgs,
 ) -> Result<(), ActorProcessingErr> {
     let run_id = args.run.run_id.clone();
+    // One actor per run: a second start of a live run (a rehydration racing a recovery)
+    // is dropped.
+    if state
+        .rt
+        .executions
+        .lock()
+        .expect("executions lock")
+        .contains_key(&run_id)
+    {
+        return Ok(());
+    }
     match Actor::spawn_linked(None, ExecutionActor, args, myself.get_cell()).await {
         Ok((actor, _)) => {
             state.by_actor.insert(actor.get_id(), run_id.clone());
@@ -725,14 +2094,13 @@ async fn spawn(
         Err(e) => {
             let n = state.restarts.entry(run_id.clone()).or_default();
             *n += 1;
-            if *n <= MAX_RESTARTS {
-                tracing::warn!(%run_id, error = %e, "execution did not start; retrying");
-                myself.send_after(Duration::from_millis(200 * u64::from(*n)), move || {
-                    SupervisorMsg::Restart { run_id }
-                });
+            let backoff = restart_delay(*n);
+            if *n > MAX_RESTARTS {
+                tracing::error!(%run_id, error = %e, restarts = *n, "execution does not start; retrying");
             } else {
-                tracing::error!(%run_id, error = %e, "execution did not start; left for the next node restart");
+                tracing::warn!(%run_id, error = %e, "execution did not start; retrying");
             }
+            myself.send_after(backoff, move || SupervisorMsg::Restart { run_id });
         }
     }
     Ok(())

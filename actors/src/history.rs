@@ -4,7 +4,7 @@
 use baton_transport::{Payload, wire::Failure};
 use serde::{Deserialize, Serialize};
 
-use crate::options::ActivityOptions;
+use crate::options::{ActivityOptions, ChildOptions};
 
 /// One journal entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +86,108 @@ pub enum EventKind {
         name: String,
         /// Its payload.
         input: Payload,
+        /// The sender's idempotency key: a second signal with the same key is not recorded
+        /// (a workflow signalling another sets it, so a retried delivery counts once).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+    },
+    /// Cancellation of the run was requested. Timers and the activities and child workflows
+    /// whose cancellation type is `try_cancel` or `abandon` resolve as cancelled at once;
+    /// `wait_cancellation_completed` ones resolve when they report. The code decides what
+    /// to do (clean up, compensate) and how the run closes.
+    WorkflowCancelRequested {
+        /// Why, from the requester.
+        reason: String,
+    },
+    /// The workflow cancelled one of its timers before it fired.
+    TimerCancelled {
+        /// Sequence number of the timer.
+        seq: u32,
+    },
+    /// The workflow took a patched code path (`ctx.patched(id)`): replays of this run take
+    /// it too, runs recorded before the patch take the old one.
+    MarkerRecorded {
+        /// The patch ID.
+        patch: String,
+    },
+    /// The workflow scheduled a child workflow.
+    ChildWorkflowScheduled {
+        /// Sequence number (shared with activities and timers).
+        seq: u32,
+        /// The child's workflow type.
+        workflow_type: String,
+        /// The child's workflow ID.
+        workflow_id: String,
+        /// The child's input.
+        input: Payload,
+        /// Retry, timeout and cancellation options.
+        options: ChildOptions,
+    },
+    /// An attempt of a child workflow has its run.
+    ChildWorkflowStarted {
+        /// Sequence number of the child.
+        seq: u32,
+        /// The attempt, from 1.
+        attempt: u32,
+        /// The child's run ID.
+        run_id: String,
+    },
+    /// The child workflow completed; its output is delivered to the parent.
+    ChildWorkflowCompleted {
+        /// Sequence number of the child.
+        seq: u32,
+        /// The child's run ID.
+        run_id: String,
+        /// The child's output.
+        result: Payload,
+    },
+    /// A child workflow failed to start or closed without an output. With `retry_in_ms`
+    /// another attempt starts after that delay; without, the failure reaches the parent.
+    ChildWorkflowFailed {
+        /// Sequence number of the child.
+        seq: u32,
+        /// The attempt that failed.
+        attempt: u32,
+        /// The run that failed (none when the start itself failed).
+        run_id: Option<String>,
+        /// Why.
+        failure: Failure,
+        /// Delay before the next attempt; `None` when the failure is final.
+        retry_in_ms: Option<u64>,
+    },
+    /// The workflow asked to signal another workflow.
+    ExternalSignalScheduled {
+        /// Sequence number (shared with activities and timers).
+        seq: u32,
+        /// The target workflow ID.
+        workflow_id: String,
+        /// The signal's name.
+        name: String,
+        /// Its payload.
+        input: Payload,
+    },
+    /// The signal was recorded by its target (no failure) or could not be (a failure such
+    /// as `NotFound`).
+    ExternalSignalResolved {
+        /// Sequence number of the signal.
+        seq: u32,
+        /// Why it was not delivered.
+        failure: Option<Failure>,
+    },
+    /// The workflow closed this run and started a new run of the same workflow ID with a
+    /// fresh history; signals it had not consumed are carried to the new run.
+    WorkflowContinuedAsNew {
+        /// The new run.
+        new_run_id: String,
+        /// The new run's input.
+        input: Payload,
+    },
+    /// The run was closed from outside its code: terminated, or past its execution timeout.
+    WorkflowTerminated {
+        /// `Terminated` or `TimedOut`.
+        kind: String,
+        /// Why.
+        reason: String,
     },
     /// The workflow returned a value; the run is closed.
     WorkflowCompleted {
@@ -110,6 +212,17 @@ impl EventKind {
             EventKind::TimerStarted { .. } => "timer_started",
             EventKind::TimerFired { .. } => "timer_fired",
             EventKind::SignalReceived { .. } => "signal_received",
+            EventKind::WorkflowCancelRequested { .. } => "workflow_cancel_requested",
+            EventKind::TimerCancelled { .. } => "timer_cancelled",
+            EventKind::MarkerRecorded { .. } => "marker_recorded",
+            EventKind::ChildWorkflowScheduled { .. } => "child_workflow_scheduled",
+            EventKind::ChildWorkflowStarted { .. } => "child_workflow_started",
+            EventKind::ChildWorkflowCompleted { .. } => "child_workflow_completed",
+            EventKind::ChildWorkflowFailed { .. } => "child_workflow_failed",
+            EventKind::ExternalSignalScheduled { .. } => "external_signal_scheduled",
+            EventKind::ExternalSignalResolved { .. } => "external_signal_resolved",
+            EventKind::WorkflowContinuedAsNew { .. } => "workflow_continued_as_new",
+            EventKind::WorkflowTerminated { .. } => "workflow_terminated",
             EventKind::WorkflowCompleted { .. } => "workflow_completed",
             EventKind::WorkflowFailed { .. } => "workflow_failed",
         }
@@ -119,7 +232,10 @@ impl EventKind {
     pub fn is_close(&self) -> bool {
         matches!(
             self,
-            EventKind::WorkflowCompleted { .. } | EventKind::WorkflowFailed { .. }
+            EventKind::WorkflowCompleted { .. }
+                | EventKind::WorkflowFailed { .. }
+                | EventKind::WorkflowContinuedAsNew { .. }
+                | EventKind::WorkflowTerminated { .. }
         )
     }
 }
@@ -168,8 +284,62 @@ impl Event {
                 json!({"seq": seq, "fire_at_ms": fire_at_ms})
             }
             EventKind::TimerFired { seq } => json!({"seq": seq}),
-            EventKind::SignalReceived { name, input } => {
-                json!({"name": name, "input": input.to_json()})
+            EventKind::SignalReceived {
+                name,
+                input,
+                request_id,
+            } => {
+                json!({"name": name, "input": input.to_json(), "request_id": request_id})
+            }
+            EventKind::WorkflowCancelRequested { reason } => json!({"reason": reason}),
+            EventKind::TimerCancelled { seq } => json!({"seq": seq}),
+            EventKind::MarkerRecorded { patch } => json!({"patch": patch}),
+            EventKind::ChildWorkflowScheduled {
+                seq,
+                workflow_type,
+                workflow_id,
+                input,
+                options,
+            } => json!({
+                "seq": seq, "workflow_type": workflow_type, "workflow_id": workflow_id,
+                "input": input.to_json(), "options": options,
+            }),
+            EventKind::ChildWorkflowStarted {
+                seq,
+                attempt,
+                run_id,
+            } => json!({"seq": seq, "attempt": attempt, "run_id": run_id}),
+            EventKind::ChildWorkflowCompleted {
+                seq,
+                run_id,
+                result,
+            } => json!({"seq": seq, "run_id": run_id, "result": result.to_json()}),
+            EventKind::ChildWorkflowFailed {
+                seq,
+                attempt,
+                run_id,
+                failure,
+                retry_in_ms,
+            } => json!({
+                "seq": seq, "attempt": attempt, "run_id": run_id, "failure": failure,
+                "retry_in_ms": retry_in_ms,
+            }),
+            EventKind::ExternalSignalScheduled {
+                seq,
+                workflow_id,
+                name,
+                input,
+            } => json!({
+                "seq": seq, "workflow_id": workflow_id, "name": name, "input": input.to_json(),
+            }),
+            EventKind::ExternalSignalResolved { seq, failure } => {
+                json!({"seq": seq, "failure": failure})
+            }
+            EventKind::WorkflowContinuedAsNew { new_run_id, input } => {
+                json!({"new_run_id": new_run_id, "input": input.to_json()})
+            }
+            EventKind::WorkflowTerminated { kind, reason } => {
+                json!({"kind": kind, "reason": reason})
             }
             EventKind::WorkflowCompleted { output } => json!({"output": output.to_json()}),
             EventKind::WorkflowFailed { failure } => json!({"failure": failure}),
@@ -250,6 +420,63 @@ impl Event {
             "signal_received" => EventKind::SignalReceived {
                 name: str_of("name")?,
                 input: payload("input")?,
+                request_id: v["request_id"].as_str().map(str::to_string),
+            },
+            "workflow_cancel_requested" => EventKind::WorkflowCancelRequested {
+                reason: str_of("reason")?,
+            },
+            "timer_cancelled" => EventKind::TimerCancelled {
+                seq: u32_of("seq")?,
+            },
+            "marker_recorded" => EventKind::MarkerRecorded {
+                patch: str_of("patch")?,
+            },
+            "child_workflow_scheduled" => EventKind::ChildWorkflowScheduled {
+                seq: u32_of("seq")?,
+                workflow_type: str_of("workflow_type")?,
+                workflow_id: str_of("workflow_id")?,
+                input: payload("input")?,
+                options: serde_json::from_value(v["options"].clone())
+                    .map_err(|e| format!("child options: {e}"))?,
+            },
+            "child_workflow_started" => EventKind::ChildWorkflowStarted {
+                seq: u32_of("seq")?,
+                attempt: u32_of("attempt")?,
+                run_id: str_of("run_id")?,
+            },
+            "child_workflow_completed" => EventKind::ChildWorkflowCompleted {
+                seq: u32_of("seq")?,
+                run_id: str_of("run_id")?,
+                result: payload("result")?,
+            },
+            "child_workflow_failed" => EventKind::ChildWorkflowFailed {
+                seq: u32_of("seq")?,
+                attempt: u32_of("attempt")?,
+                run_id: v["run_id"].as_str().map(str::to_string),
+                failure: failure()?,
+                retry_in_ms: v["retry_in_ms"].as_u64(),
+            },
+            "external_signal_scheduled" => EventKind::ExternalSignalScheduled {
+                seq: u32_of("seq")?,
+                workflow_id: str_of("workflow_id")?,
+                name: str_of("name")?,
+                input: payload("input")?,
+            },
+            "external_signal_resolved" => EventKind::ExternalSignalResolved {
+                seq: u32_of("seq")?,
+                failure: if v["failure"].is_null() {
+                    None
+                } else {
+                    Some(failure()?)
+                },
+            },
+            "workflow_continued_as_new" => EventKind::WorkflowContinuedAsNew {
+                new_run_id: str_of("new_run_id")?,
+                input: payload("input")?,
+            },
+            "workflow_terminated" => EventKind::WorkflowTerminated {
+                kind: str_of("kind")?,
+                reason: str_of("reason")?,
             },
             "workflow_completed" => EventKind::WorkflowCompleted {
                 output: payload("output")?,
@@ -316,6 +543,62 @@ mod tests {
                 fire_at_ms: 99,
             },
             EventKind::TimerFired { seq: 1 },
+            EventKind::SignalReceived {
+                name: "go".into(),
+                input: Payload::encode(&3).unwrap(),
+                request_id: Some("r:1".into()),
+            },
+            EventKind::WorkflowCancelRequested {
+                reason: "user".into(),
+            },
+            EventKind::TimerCancelled { seq: 1 },
+            EventKind::MarkerRecorded { patch: "v2".into() },
+            EventKind::ChildWorkflowScheduled {
+                seq: 2,
+                workflow_type: "child".into(),
+                workflow_id: "w-child".into(),
+                input: Payload::encode(&1).unwrap(),
+                options: ChildOptions::default(),
+            },
+            EventKind::ChildWorkflowStarted {
+                seq: 2,
+                attempt: 1,
+                run_id: "r2".into(),
+            },
+            EventKind::ChildWorkflowFailed {
+                seq: 2,
+                attempt: 1,
+                run_id: Some("r2".into()),
+                failure: f.clone(),
+                retry_in_ms: Some(5),
+            },
+            EventKind::ChildWorkflowCompleted {
+                seq: 2,
+                run_id: "r3".into(),
+                result: Payload::encode(&2).unwrap(),
+            },
+            EventKind::ExternalSignalScheduled {
+                seq: 3,
+                workflow_id: "other".into(),
+                name: "go".into(),
+                input: Payload::encode(&1).unwrap(),
+            },
+            EventKind::ExternalSignalResolved {
+                seq: 3,
+                failure: Some(f.clone()),
+            },
+            EventKind::ExternalSignalResolved {
+                seq: 3,
+                failure: None,
+            },
+            EventKind::WorkflowTerminated {
+                kind: "TimedOut".into(),
+                reason: "r".into(),
+            },
+            EventKind::WorkflowContinuedAsNew {
+                new_run_id: "r9".into(),
+                input: Payload::encode(&9).unwrap(),
+            },
             EventKind::WorkflowFailed { failure: f },
         ];
         for (i, kind) in kinds.into_iter().enumerate() {
@@ -326,6 +609,7 @@ mod tests {
             };
             let back = Event::from_json(&e.to_json()).unwrap();
             assert_eq!(back.to_json(), e.to_json());
+            assert_eq!(back.kind.name(), e.kind.name());
         }
         assert!(
             Event::from_json(&serde_json::json!({"type": "nope", "event_id": 1, "at_ms": 1}))

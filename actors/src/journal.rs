@@ -11,7 +11,11 @@
 //! Tables: `runs` (run_id -> [`RunRecord`]), `ids` (workflow_id -> run_id), `events`
 //! ((run_id, event id) -> [`Event`]), `open` (run_id -> 0, the runs to recover).
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use async_nats::{HeaderMap, jetstream::context::PublishAckFuture};
 use baton_transport::{codec, jetstream::Streams, subject};
@@ -21,7 +25,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use baton_transport::wire::{IdConflictPolicy, IdReusePolicy};
 
-use crate::history::{Event, EventKind};
+use crate::{
+    history::{Event, EventKind},
+    storage::{FaultyBackend, StorageFaults},
+};
 
 const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 const IDS: TableDefinition<&str, &str> = TableDefinition::new("ids");
@@ -66,6 +73,14 @@ pub enum RunStatus {
     Completed,
     /// Closed with a failure.
     Failed,
+    /// Closed by its code after its cancellation was requested (it returned `Cancelled`).
+    Cancelled,
+    /// Closed from outside its code.
+    Terminated,
+    /// Closed past its execution timeout.
+    TimedOut,
+    /// Closed by continue-as-new; the workflow ID goes on in a new run.
+    ContinuedAsNew,
 }
 
 impl RunStatus {
@@ -75,8 +90,53 @@ impl RunStatus {
             RunStatus::Running => "running",
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::Terminated => "terminated",
+            RunStatus::TimedOut => "timed_out",
+            RunStatus::ContinuedAsNew => "continued_as_new",
         }
     }
+
+    /// The status a close event gives a run (None for other events).
+    pub fn of_close(kind: &EventKind) -> Option<RunStatus> {
+        Some(match kind {
+            EventKind::WorkflowCompleted { .. } => RunStatus::Completed,
+            EventKind::WorkflowFailed { failure } if failure.kind == "Cancelled" => {
+                RunStatus::Cancelled
+            }
+            EventKind::WorkflowFailed { .. } => RunStatus::Failed,
+            EventKind::WorkflowTerminated { kind, .. } if kind == "TimedOut" => RunStatus::TimedOut,
+            EventKind::WorkflowTerminated { .. } => RunStatus::Terminated,
+            EventKind::WorkflowContinuedAsNew { .. } => RunStatus::ContinuedAsNew,
+            _ => return None,
+        })
+    }
+
+    /// Parses a status as shown at the edge.
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        [
+            RunStatus::Running,
+            RunStatus::Completed,
+            RunStatus::Failed,
+            RunStatus::Cancelled,
+            RunStatus::Terminated,
+            RunStatus::TimedOut,
+            RunStatus::ContinuedAsNew,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+/// The parent of a child workflow's run: whom to tell when it closes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// The parent's workflow ID.
+    pub workflow_id: String,
+    /// The parent's run ID.
+    pub run_id: String,
+    /// The child's sequence number in the parent.
+    pub seq: u32,
 }
 
 /// What the journal keeps of each run besides its events.
@@ -96,6 +156,12 @@ pub struct RunRecord {
     pub closed_ms: Option<u64>,
     /// The id of the last event.
     pub last_event_id: u32,
+    /// The parent, for a child workflow's run.
+    #[serde(default)]
+    pub parent: Option<ParentRef>,
+    /// When the workflow times out (Unix ms), if it has an execution timeout.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
 }
 
 /// The result of a start.
@@ -119,17 +185,28 @@ pub struct IdPolicies {
 }
 
 impl IdPolicies {
-    /// Whether a start may create a new run given the ID's current run, else the outcome.
-    fn decide(self, existing: RunRecord) -> Result<(), StartOutcome> {
+    /// Whether a start may create a new run given the ID's current run (`None`), else the
+    /// outcome.
+    fn decide(self, existing: RunRecord) -> Option<StartOutcome> {
         match existing.status {
             RunStatus::Running => match self.conflict {
-                IdConflictPolicy::UseExisting => Err(StartOutcome::Duplicate(existing)),
-                IdConflictPolicy::Fail => Err(StartOutcome::AlreadyRunning(existing)),
+                IdConflictPolicy::UseExisting => Some(StartOutcome::Duplicate(existing)),
+                IdConflictPolicy::Fail => Some(StartOutcome::AlreadyRunning(existing)),
             },
             closed => match self.reuse {
-                IdReusePolicy::AllowDuplicate => Ok(()),
-                IdReusePolicy::AllowDuplicateFailedOnly if closed == RunStatus::Failed => Ok(()),
-                _ => Err(StartOutcome::Duplicate(existing)),
+                IdReusePolicy::AllowDuplicate => None,
+                IdReusePolicy::AllowDuplicateFailedOnly
+                    if matches!(
+                        closed,
+                        RunStatus::Failed
+                            | RunStatus::Cancelled
+                            | RunStatus::Terminated
+                            | RunStatus::TimedOut
+                    ) =>
+                {
+                    None
+                }
+                _ => Some(StartOutcome::Duplicate(existing)),
             },
         }
     }
@@ -146,24 +223,91 @@ pub struct MirrorBatch {
     pub events: Vec<Event>,
 }
 
+/// A run created by a continue-as-new, with its first events.
+type Successor = Box<(RunRecord, Vec<Event>)>;
+
 enum Request {
     Start {
         record: Box<RunRecord>,
-        event: Box<Event>,
+        events: Vec<Event>,
         policies: IdPolicies,
         reply: oneshot::Sender<Result<StartOutcome, Error>>,
     },
     Append {
         run_id: String,
         events: Vec<Event>,
+        successor: Option<Successor>,
         reply: oneshot::Sender<Result<(), Error>>,
     },
+}
+
+/// The redb database behind the journal, reopened after an I/O error: redb refuses further
+/// use of a database that failed a write (`PreviousIo`) until it is opened again, and
+/// opening it repairs it.
+struct Store {
+    path: PathBuf,
+    faults: Option<Arc<StorageFaults>>,
+    db: std::sync::RwLock<Option<Arc<Database>>>,
+}
+
+impl Store {
+    fn open_db(&self) -> Result<Database, Error> {
+        let db = match &self.faults {
+            None => Database::create(&self.path).map_err(storage)?,
+            Some(faults) => {
+                let backend = FaultyBackend::open(&self.path, faults.clone()).map_err(storage)?;
+                Database::builder()
+                    .create_with_backend(backend)
+                    .map_err(storage)?
+            }
+        };
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            txn.open_table(RUNS).map_err(storage)?;
+            txn.open_table(IDS).map_err(storage)?;
+            txn.open_table(EVENTS).map_err(storage)?;
+            txn.open_table(OPEN).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(db)
+    }
+
+    /// The open database, reopening it if an I/O error closed it.
+    fn get(&self) -> Result<Arc<Database>, Error> {
+        if let Some(db) = self.db.read().expect("journal store lock").as_ref() {
+            return Ok(db.clone());
+        }
+        let mut slot = self.db.write().expect("journal store lock");
+        if let Some(db) = slot.as_ref() {
+            return Ok(db.clone());
+        }
+        // Readers may hold the old database a moment longer; its file lock goes with it.
+        let mut last = Error::Storage("journal not open".into());
+        for _ in 0..10 {
+            match self.open_db() {
+                Ok(db) => {
+                    tracing::warn!(path = %self.path.display(), "journal reopened");
+                    let db = Arc::new(db);
+                    *slot = Some(db.clone());
+                    return Ok(db);
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Err(last)
+    }
+
+    /// Closes the database after an I/O error; the next use reopens it.
+    fn invalidate(&self) {
+        self.db.write().expect("journal store lock").take();
+    }
 }
 
 /// Handle on the journal. Cheap to clone.
 #[derive(Clone)]
 pub struct Journal {
-    db: Arc<Database>,
+    db: Arc<Store>,
     tx: mpsc::Sender<Request>,
     mirror: Option<Streams>,
     chain: Arc<tokio::sync::Mutex<HashMap<String, u64>>>,
@@ -173,18 +317,24 @@ impl Journal {
     /// Opens (or creates) the journal file and starts its writer. With `mirror`, every
     /// commit is also published to JetStream.
     pub fn open(path: &Path, mirror: Option<Streams>) -> Result<Journal, Error> {
-        let db = Database::create(path).map_err(storage)?;
-        let txn = db.begin_write().map_err(storage)?;
-        {
-            txn.open_table(RUNS).map_err(storage)?;
-            txn.open_table(IDS).map_err(storage)?;
-            txn.open_table(EVENTS).map_err(storage)?;
-            txn.open_table(OPEN).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)?;
+        Journal::open_with(path, mirror, None)
+    }
+
+    /// As [`Journal::open`], with `faults` injected into its storage (chaos tests).
+    pub fn open_with(
+        path: &Path,
+        mirror: Option<Streams>,
+        faults: Option<Arc<StorageFaults>>,
+    ) -> Result<Journal, Error> {
+        let store = Store {
+            path: path.to_path_buf(),
+            faults,
+            db: std::sync::RwLock::new(None),
+        };
+        store.get()?;
         let (tx, rx) = mpsc::channel(4096);
         let writer = Writer {
-            db: Arc::new(db),
+            db: Arc::new(store),
             mirror,
             chain: Arc::default(),
         };
@@ -201,21 +351,32 @@ impl Journal {
     /// Creates a run unless its workflow ID already has one (compare-and-set), with the
     /// default policies: a closed ID is not reused, a running one is answered as duplicate.
     pub async fn start(&self, record: RunRecord, event: Event) -> Result<StartOutcome, Error> {
-        self.start_with(record, event, IdPolicies::default()).await
+        self.start_with(record, vec![event], IdPolicies::default())
+            .await
     }
 
     /// Creates a run, deciding on an ID that already has one by `policies`, atomically.
+    /// `events` are the run's first events (`WorkflowStarted`, then e.g. the signal of a
+    /// signal-with-start). A start naming the run ID the workflow ID already has is a
+    /// duplicate whatever the policies (a retried start of the same run).
     pub async fn start_with(
         &self,
         record: RunRecord,
-        event: Event,
+        events: Vec<Event>,
         policies: IdPolicies,
     ) -> Result<StartOutcome, Error> {
+        if events.first().map(|e| e.id) != Some(1) || record.last_event_id as usize != events.len()
+        {
+            return Err(Error::Invalid(format!(
+                "start of run {} must carry events 1..={}",
+                record.run_id, record.last_event_id
+            )));
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Start {
                 record: Box::new(record),
-                event: Box::new(event),
+                events,
                 policies,
                 reply,
             })
@@ -226,6 +387,17 @@ impl Journal {
 
     /// Appends events to a run; a close event closes it.
     pub async fn append(&self, run_id: &str, events: Vec<Event>) -> Result<(), Error> {
+        self.append_with(run_id, events, None).await
+    }
+
+    /// Appends events that close a run by continue-as-new and creates the run that
+    /// follows it (same workflow ID), in one transaction.
+    pub async fn append_with(
+        &self,
+        run_id: &str,
+        events: Vec<Event>,
+        successor: Option<(RunRecord, Vec<Event>)>,
+    ) -> Result<(), Error> {
         if events.is_empty() {
             return Ok(());
         }
@@ -234,6 +406,7 @@ impl Journal {
             .send(Request::Append {
                 run_id: run_id.into(),
                 events,
+                successor: successor.map(Box::new),
                 reply,
             })
             .await
@@ -243,7 +416,7 @@ impl Journal {
 
     /// The current run of a workflow ID.
     pub fn run_of(&self, workflow_id: &str) -> Result<Option<RunRecord>, Error> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
         let ids = txn.open_table(IDS).map_err(storage)?;
         let Some(run_id) = ids.get(workflow_id).map_err(storage)? else {
             return Ok(None);
@@ -255,14 +428,14 @@ impl Journal {
 
     /// A run by run ID.
     pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>, Error> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
         let runs = txn.open_table(RUNS).map_err(storage)?;
         read_run(&runs, run_id)
     }
 
     /// A run's events, in order.
     pub fn history(&self, run_id: &str) -> Result<Vec<Event>, Error> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
         let events = txn.open_table(EVENTS).map_err(storage)?;
         let mut out = Vec::new();
         for item in events
@@ -277,7 +450,7 @@ impl Journal {
 
     /// The runs not closed yet (to recover after a restart).
     pub fn open_runs(&self) -> Result<Vec<RunRecord>, Error> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
         let open = txn.open_table(OPEN).map_err(storage)?;
         let runs = txn.open_table(RUNS).map_err(storage)?;
         let mut out = Vec::new();
@@ -292,7 +465,7 @@ impl Journal {
 
     /// Runs, most recently started first, optionally of one status.
     pub fn list(&self, status: Option<RunStatus>, limit: usize) -> Result<Vec<RunRecord>, Error> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
         let runs = txn.open_table(RUNS).map_err(storage)?;
         let mut out = Vec::new();
         for item in runs.iter().map_err(storage)? {
@@ -370,7 +543,7 @@ impl Journal {
 /// The single writer: owns the commit loop. Holds no sender, so it ends (and releases the
 /// file) when the last [`Journal`] handle is dropped.
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<Store>,
     mirror: Option<Streams>,
     chain: Arc<tokio::sync::Mutex<HashMap<String, u64>>>,
 }
@@ -385,12 +558,19 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let db = self.db.clone();
-            let committed = tokio::task::spawn_blocking(move || commit(&db, group)).await;
+            let store = self.db.clone();
+            let committed = tokio::task::spawn_blocking(move || match store.get() {
+                Ok(db) => commit(&db, group),
+                Err(e) => Err((group, e)),
+            })
+            .await;
             let (group, outcomes) = match committed {
                 Ok(Ok(x)) => x,
                 Ok(Err((group, e))) => {
+                    // Nothing of the group was acknowledged. The database is reopened
+                    // before the next commit (which repairs it).
                     tracing::error!(error = %e, "journal commit failed");
+                    self.db.invalidate();
                     fail_all(group, e);
                     continue;
                 }
@@ -416,15 +596,28 @@ impl Writer {
             let Outcome::Written(workflow_id) = outcome else {
                 continue;
             };
-            let (run_id, events) = match req {
-                Request::Start { record, event, .. } => {
-                    (&record.run_id, std::slice::from_ref(event.as_ref()))
+            let mut parts: Vec<(&String, &[Event])> = Vec::with_capacity(2);
+            match req {
+                Request::Start { record, events, .. } => {
+                    parts.push((&record.run_id, events.as_slice()))
                 }
-                Request::Append { run_id, events, .. } => (run_id, events.as_slice()),
+                Request::Append {
+                    run_id,
+                    events,
+                    successor,
+                    ..
+                } => {
+                    parts.push((run_id, events.as_slice()));
+                    if let Some(next) = successor {
+                        parts.push((&next.0.run_id, next.1.as_slice()));
+                    }
+                }
             };
-            match per_run.iter_mut().find(|(r, _, _)| r == run_id) {
-                Some((_, _, evs)) => evs.extend_from_slice(events),
-                None => per_run.push((run_id.clone(), workflow_id.clone(), events.to_vec())),
+            for (run_id, events) in parts {
+                match per_run.iter_mut().find(|(r, _, _)| r == run_id) {
+                    Some((_, _, evs)) => evs.extend_from_slice(events),
+                    None => per_run.push((run_id.clone(), workflow_id.clone(), events.to_vec())),
+                }
             }
         }
         let mut chain = self.chain.lock().await;
@@ -528,7 +721,7 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
                 match req {
                     Request::Start {
                         record,
-                        event,
+                        events,
                         policies,
                         ..
                     } => {
@@ -538,8 +731,12 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
                             .map(|v| v.value().to_string());
                         if let Some(existing) = existing {
                             match read_run(&runs, &existing)? {
+                                Some(r) if r.run_id == record.run_id => {
+                                    outcomes.push(Outcome::Existing(StartOutcome::Duplicate(r)));
+                                    continue;
+                                }
                                 Some(r) => {
-                                    if let Err(outcome) = policies.decide(r) {
+                                    if let Some(outcome) = policies.decide(r) {
                                         outcomes.push(Outcome::Existing(outcome));
                                         continue;
                                     }
@@ -553,19 +750,31 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
                                 }
                             }
                         }
-                        ids.insert(record.workflow_id.as_str(), record.run_id.as_str())
-                            .map_err(storage)?;
-                        let bytes = codec::encode(record).map_err(storage)?;
-                        runs.insert(record.run_id.as_str(), bytes.as_slice())
-                            .map_err(storage)?;
-                        let ev = codec::encode(event).map_err(storage)?;
-                        events_t
-                            .insert((record.run_id.as_str(), event.id), ev.as_slice())
-                            .map_err(storage)?;
-                        open.insert(record.run_id.as_str(), 0).map_err(storage)?;
+                        // A run ID is never reused: a start that would overwrite another
+                        // workflow's run is refused.
+                        if runs.get(record.run_id.as_str()).map_err(storage)?.is_some() {
+                            outcomes.push(Outcome::Refused(Error::Invalid(format!(
+                                "run {} exists under another workflow ID",
+                                record.run_id
+                            ))));
+                            continue;
+                        }
+                        insert_run(
+                            &mut runs,
+                            &mut ids,
+                            &mut events_t,
+                            &mut open,
+                            record,
+                            events,
+                        )?;
                         outcomes.push(Outcome::Written(record.workflow_id.clone()));
                     }
-                    Request::Append { run_id, events, .. } => {
+                    Request::Append {
+                        run_id,
+                        events,
+                        successor,
+                        ..
+                    } => {
                         let mut record = match read_run(&runs, run_id)? {
                             Some(r) => r,
                             None => {
@@ -581,6 +790,20 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
                             ))));
                             continue;
                         }
+                        if let Some(next) = successor {
+                            let continues = events.last().is_some_and(|e| {
+                                matches!(e.kind, EventKind::WorkflowContinuedAsNew { .. })
+                            });
+                            if !continues
+                                || next.0.workflow_id != record.workflow_id
+                                || runs.get(next.0.run_id.as_str()).map_err(storage)?.is_some()
+                            {
+                                outcomes.push(Outcome::Refused(Error::Invalid(format!(
+                                    "run {run_id}: a successor run needs a continue-as-new close of the same workflow ID and a new run ID"
+                                ))));
+                                continue;
+                            }
+                        }
                         if events.first().map(|e| e.id) != Some(record.last_event_id + 1)
                             || events.windows(2).any(|w| w[1].id != w[0].id + 1)
                         {
@@ -595,16 +818,9 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
                             events_t
                                 .insert((run_id.as_str(), e.id), ev.as_slice())
                                 .map_err(storage)?;
-                            match &e.kind {
-                                EventKind::WorkflowCompleted { .. } => {
-                                    record.status = RunStatus::Completed;
-                                    record.closed_ms = Some(e.at_ms);
-                                }
-                                EventKind::WorkflowFailed { .. } => {
-                                    record.status = RunStatus::Failed;
-                                    record.closed_ms = Some(e.at_ms);
-                                }
-                                _ => {}
+                            if let Some(status) = RunStatus::of_close(&e.kind) {
+                                record.status = status;
+                                record.closed_ms = Some(e.at_ms);
                             }
                             record.last_event_id = e.id;
                         }
@@ -614,6 +830,17 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
                         let bytes = codec::encode(&record).map_err(storage)?;
                         runs.insert(run_id.as_str(), bytes.as_slice())
                             .map_err(storage)?;
+                        if let Some(next) = successor {
+                            let (next_record, next_events) = next.as_ref();
+                            insert_run(
+                                &mut runs,
+                                &mut ids,
+                                &mut events_t,
+                                &mut open,
+                                next_record,
+                                next_events,
+                            )?;
+                        }
                         outcomes.push(Outcome::Written(record.workflow_id.clone()));
                     }
                 }
@@ -626,6 +853,32 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
         Ok(outcomes) => Ok((group, outcomes)),
         Err(e) => Err((group, e)),
     }
+}
+
+type Table<'t, K, V> = redb::Table<'t, K, V>;
+
+/// Writes a new run: its record, its first events, its ID, its open mark.
+fn insert_run(
+    runs: &mut Table<'_, &'static str, &'static [u8]>,
+    ids: &mut Table<'_, &'static str, &'static str>,
+    events_t: &mut Table<'_, (&'static str, u32), &'static [u8]>,
+    open: &mut Table<'_, &'static str, u8>,
+    record: &RunRecord,
+    events: &[Event],
+) -> Result<(), Error> {
+    ids.insert(record.workflow_id.as_str(), record.run_id.as_str())
+        .map_err(storage)?;
+    let bytes = codec::encode(record).map_err(storage)?;
+    runs.insert(record.run_id.as_str(), bytes.as_slice())
+        .map_err(storage)?;
+    for event in events {
+        let ev = codec::encode(event).map_err(storage)?;
+        events_t
+            .insert((record.run_id.as_str(), event.id), ev.as_slice())
+            .map_err(storage)?;
+    }
+    open.insert(record.run_id.as_str(), 0).map_err(storage)?;
+    Ok(())
 }
 
 fn fail_all(group: Vec<Request>, e: Error) {
@@ -676,6 +929,8 @@ mod tests {
             started_ms: 1,
             closed_ms: None,
             last_event_id: 1,
+            parent: None,
+            deadline_ms: None,
         }
     }
 
@@ -746,10 +1001,10 @@ mod tests {
         );
         // Running: use existing, or fail.
         assert!(
-            matches!(j.start_with(record("w", "r2"), started("w"), pol(R::AllowDuplicate, C::UseExisting)).await.unwrap(), StartOutcome::Duplicate(r) if r.run_id == "r1")
+            matches!(j.start_with(record("w", "r2"), vec![started("w")], pol(R::AllowDuplicate, C::UseExisting)).await.unwrap(), StartOutcome::Duplicate(r) if r.run_id == "r1")
         );
         assert!(
-            matches!(j.start_with(record("w", "r2"), started("w"), pol(R::AllowDuplicate, C::Fail)).await.unwrap(), StartOutcome::AlreadyRunning(r) if r.run_id == "r1")
+            matches!(j.start_with(record("w", "r2"), vec![started("w")], pol(R::AllowDuplicate, C::Fail)).await.unwrap(), StartOutcome::AlreadyRunning(r) if r.run_id == "r1")
         );
         // Failed: reused only by the policies that allow it.
         j.append("r1", vec![close(true)]).await.unwrap();
@@ -759,7 +1014,7 @@ mod tests {
         assert_eq!(
             j.start_with(
                 record("w", "r2"),
-                started("w"),
+                vec![started("w")],
                 pol(R::AllowDuplicateFailedOnly, C::UseExisting)
             )
             .await
@@ -779,17 +1034,78 @@ mod tests {
         // Completed: not reused after failure only; reused by allow_duplicate.
         j.append("r2", vec![close(false)]).await.unwrap();
         assert!(
-            matches!(j.start_with(record("w", "r3"), started("w"), pol(R::AllowDuplicateFailedOnly, C::UseExisting)).await.unwrap(), StartOutcome::Duplicate(r) if r.run_id == "r2")
+            matches!(j.start_with(record("w", "r3"), vec![started("w")], pol(R::AllowDuplicateFailedOnly, C::UseExisting)).await.unwrap(), StartOutcome::Duplicate(r) if r.run_id == "r2")
         );
         assert_eq!(
             j.start_with(
                 record("w", "r3"),
-                started("w"),
+                vec![started("w")],
                 pol(R::AllowDuplicate, C::UseExisting)
             )
             .await
             .unwrap(),
             StartOutcome::Started
+        );
+    }
+
+    #[tokio::test]
+    async fn continue_as_new_closes_and_creates_in_one_commit_and_run_ids_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.redb"), None).unwrap();
+        j.start(record("w", "r1"), started("w")).await.unwrap();
+        let can = |input: i32| Event {
+            id: 2,
+            at_ms: 2,
+            kind: EventKind::WorkflowContinuedAsNew {
+                new_run_id: "r2".into(),
+                input: Payload::encode(&input).unwrap(),
+            },
+        };
+        // A successor without a continue-as-new close is refused, and nothing commits.
+        let not_closed = Event {
+            id: 2,
+            at_ms: 2,
+            kind: EventKind::TimerFired { seq: 0 },
+        };
+        assert!(
+            j.append_with(
+                "r1",
+                vec![not_closed],
+                Some((record("w", "r2"), vec![started("w")]))
+            )
+            .await
+            .is_err()
+        );
+        assert_eq!(j.run("r1").unwrap().unwrap().last_event_id, 1);
+        assert!(j.run("r2").unwrap().is_none());
+        // The close and the next run commit together; the ID names the new run.
+        j.append_with(
+            "r1",
+            vec![can(5)],
+            Some((record("w", "r2"), vec![started("w")])),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            j.run("r1").unwrap().unwrap().status,
+            RunStatus::ContinuedAsNew
+        );
+        assert_eq!(j.run_of("w").unwrap().unwrap().run_id, "r2");
+        assert_eq!(j.open_runs().unwrap().len(), 1);
+        // Starting the run the ID already has is a duplicate whatever the policies.
+        let allow = IdPolicies {
+            reuse: IdReusePolicy::AllowDuplicate,
+            conflict: IdConflictPolicy::Fail,
+        };
+        assert!(matches!(
+            j.start_with(record("w", "r2"), vec![started("w")], allow).await.unwrap(),
+            StartOutcome::Duplicate(r) if r.run_id == "r2"
+        ));
+        // A run ID of another workflow is never overwritten.
+        assert!(
+            j.start_with(record("other", "r1"), vec![started("other")], allow)
+                .await
+                .is_err()
         );
     }
 

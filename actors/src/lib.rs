@@ -7,6 +7,8 @@
 //! - [`history`]: the journal's events.
 //! - [`replay`]: the deterministic replay core ([`Execution`]), pure and I/O-free.
 //! - [`journal`]: redb + JetStream, group commit, workflow-ID compare-and-set.
+//! - [`storage`]: the journal's file backend, with injectable faults (disk full, failing
+//!   calls, power loss with torn writes) for the chaos tests.
 //! - execution.rs: one ractor actor per execution under a supervisor.
 //! - [`node`]: the orchestrator node: start and API handlers, the report feed, recovery.
 //! - [`worker`]: worker pools (ractor) supervising one runner actor per running activity.
@@ -21,12 +23,16 @@ pub mod node;
 mod options;
 mod registry;
 pub mod replay;
+pub mod storage;
 pub mod worker;
 
 pub use activity::{ActivityContext, ActivityInfo};
-pub use context::{ActivityDef, ActivityFuture, Command, WorkflowContext};
+pub use context::{
+    ActivityDef, ActivityFuture, CancelledFuture, Command, ResultFuture, TimerFuture, TimerId,
+    WorkflowContext,
+};
 pub use error::{ActivityError, Nondeterminism, WorkflowError};
-pub use options::{ActivityOptions, RetryPolicy};
+pub use options::{ActivityOptions, CancellationType, ChildOptions, RetryPolicy};
 pub use registry::{ActivityFn, Policies, Registry, WorkflowDef, WorkflowFn};
 pub use replay::Execution;
 

@@ -9,7 +9,7 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
@@ -21,9 +21,9 @@ use baton_transport::{
     jetstream::Streams,
     subject,
     wire::{
-        ActivityReport, ErrorCode, ErrorReply, HistoryReply, ListReply, ListRequest, QueryReply,
-        QueryRequest, ResultReply, ResultRequest, SignalReply, SignalRequest, StartReply,
-        StartRequest, StartStatus, WorkflowInfo, WorkflowRef,
+        ActivityReport, CloseRequest, ErrorCode, ErrorReply, HistoryReply, IdConflictPolicy,
+        ListReply, ListRequest, QueryReply, QueryRequest, ResultReply, ResultRequest, SignalReply,
+        SignalRequest, StartReply, StartRequest, StartStatus, WorkflowInfo, WorkflowRef,
     },
 };
 use futures::StreamExt;
@@ -32,7 +32,9 @@ use tokio::{sync::broadcast, task::JoinHandle};
 
 use crate::{
     Execution, Registry,
-    execution::{ExecArgs, ExecMsg, Runtime, Supervisor, SupervisorMsg},
+    execution::{
+        DeliveryError, ExecArgs, ExecMsg, Runtime, StartMode, Supervisor, SupervisorMsg, deliver,
+    },
     history::{Event, EventKind},
     journal::{self, IdPolicies, Journal, RunRecord, RunStatus, StartOutcome},
     now_ms,
@@ -44,11 +46,32 @@ const MAX_RESULT_WAIT: Duration = Duration::from_secs(300);
 const EDGE_QUEUE_GROUP: &str = "baton-orchestrators";
 
 /// How an orchestrator node is set up.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeOptions {
     /// Where the journal file lives (`<data_dir>/journal.redb`).
     pub data_dir: PathBuf,
+    /// Evict an open execution from memory once it has been idle this long; it is rebuilt
+    /// by replaying its journal when a message for it or one of its timers comes. Zero
+    /// evicts after every step (every step replays: a determinism check under load);
+    /// `None` keeps every open execution in memory.
+    pub evict_idle: Option<Duration>,
+    /// Faults injected into the journal's storage (chaos tests only).
+    pub storage_faults: Option<Arc<crate::storage::StorageFaults>>,
 }
+
+impl NodeOptions {
+    /// A node keeping its journal in `data_dir`, evicting executions idle for a minute.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        NodeOptions {
+            data_dir: data_dir.into(),
+            evict_idle: Some(DEFAULT_EVICT_IDLE),
+            storage_faults: None,
+        }
+    }
+}
+
+/// How long an execution stays in memory idle, by default.
+pub const DEFAULT_EVICT_IDLE: Duration = Duration::from_secs(60);
 
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -84,9 +107,10 @@ impl Orchestrator {
     ) -> Result<Orchestrator, Error> {
         std::fs::create_dir_all(&options.data_dir)?;
         let streams = Streams::ensure(&client).await?;
-        let journal = Journal::open(
+        let journal = Journal::open_with(
             &options.data_dir.join("journal.redb"),
             Some(streams.clone()),
+            options.storage_faults.clone(),
         )?;
         let (closed, _) = broadcast::channel(4096);
         let rt = Arc::new(Runtime {
@@ -95,10 +119,14 @@ impl Orchestrator {
             registry: Arc::new(registry),
             closed,
             executions: Mutex::new(HashMap::new()),
+            supervisor: OnceLock::new(),
+            evict_idle: options.evict_idle,
+            rehydrations: Default::default(),
         });
         let (supervisor, _) = Actor::spawn(None, Supervisor, rt.clone())
             .await
             .map_err(|e| Error::Actor(e.to_string()))?;
+        let _ = rt.supervisor.set(supervisor.clone());
 
         // 1. Rebuild every open run from the journal.
         let open = rt.journal.open_runs()?;
@@ -112,7 +140,7 @@ impl Orchestrator {
                     rt: rt.clone(),
                     run,
                     history,
-                    recovering: true,
+                    mode: StartMode::Recovering,
                 }))
                 .map_err(|e| Error::Actor(e.to_string()))?;
         }
@@ -151,14 +179,12 @@ impl Orchestrator {
             rt.clone(),
             client.clone(),
             starts,
-            supervisor.clone(),
             handle_start,
         )));
         tasks.push(tokio::spawn(edge(
             rt.clone(),
             client.clone(),
             api,
-            supervisor.clone(),
             handle_api,
         )));
         tracing::info!(recovered, workflows = ?rt.registry.workflow_names(), "orchestrator started");
@@ -168,6 +194,13 @@ impl Orchestrator {
             tasks,
             recovered,
         })
+    }
+
+    /// How many times an evicted execution was brought back into memory.
+    pub fn rehydrations(&self) -> u64 {
+        self.rt
+            .rehydrations
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many open runs were recovered at start-up.
@@ -247,7 +280,7 @@ async fn on_report(rt: Arc<Runtime>, message: async_nats::jetstream::Message) {
             return;
         }
     };
-    let outcome = match find_execution(&rt, &report.run_id).await {
+    let outcome = match rt.find_execution(&report.run_id).await {
         Some(actor) => match ractor::call_t!(actor, ExecMsg::Report, 30_000, report.clone()) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),
@@ -279,28 +312,7 @@ async fn on_report(rt: Arc<Runtime>, message: async_nats::jetstream::Message) {
     }
 }
 
-/// The live execution of a run. A run started a moment ago may have dispatched its first
-/// task before its actor was registered, so a running run is looked up a few times.
-async fn find_execution(rt: &Runtime, run_id: &str) -> Option<ActorRef<ExecMsg>> {
-    for _ in 0..50 {
-        if let Some(a) = rt.executions.lock().expect("executions lock").get(run_id) {
-            return Some(a.clone());
-        }
-        match rt.journal.run(run_id) {
-            Ok(Some(run)) if run.status == RunStatus::Running => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            _ => return None,
-        }
-    }
-    None
-}
-
-type Handler = fn(
-    Arc<Runtime>,
-    ActorRef<SupervisorMsg>,
-    async_nats::Message,
-) -> futures::future::BoxFuture<'static, Reply>;
+type Handler = fn(Arc<Runtime>, async_nats::Message) -> futures::future::BoxFuture<'static, Reply>;
 
 /// A reply body and its format.
 struct Reply {
@@ -326,15 +338,9 @@ impl Reply {
     }
 }
 
-async fn edge(
-    rt: Arc<Runtime>,
-    client: Client,
-    mut sub: async_nats::Subscriber,
-    supervisor: ActorRef<SupervisorMsg>,
-    handler: Handler,
-) {
+async fn edge(rt: Arc<Runtime>, client: Client, mut sub: async_nats::Subscriber, handler: Handler) {
     while let Some(message) = sub.next().await {
-        let (rt, client, supervisor) = (rt.clone(), client.clone(), supervisor.clone());
+        let (rt, client) = (rt.clone(), client.clone());
         tokio::spawn(async move {
             let Some(reply_to) = message.reply.clone() else {
                 tracing::warn!(subject = %message.subject, "edge request without a reply subject ignored");
@@ -345,7 +351,7 @@ async fn edge(
             if message.subject.as_str() == subject::API_SEARCH {
                 return;
             }
-            let reply = handler(rt, supervisor, message).await;
+            let reply = handler(rt, message).await;
             let (bytes, content_type) = match (&reply.body, reply.format) {
                 (Ok(v), f) => (f.encode(v), f),
                 (Err(e), f) => (f.encode(e), f),
@@ -402,7 +408,6 @@ fn decode_edge<T: serde::de::DeserializeOwned>(
 
 fn handle_start(
     rt: Arc<Runtime>,
-    supervisor: ActorRef<SupervisorMsg>,
     message: async_nats::Message,
 ) -> futures::future::BoxFuture<'static, Reply> {
     Box::pin(async move {
@@ -443,45 +448,66 @@ fn handle_start(
                 format!("input does not fit workflow {workflow_type:?}: {e}"),
             );
         }
+        let signal = match &request.signal {
+            Some(sig) => {
+                if let Err(e) = ids::validate_name("signal name", &sig.name) {
+                    return Reply::err(format, ErrorCode::BadRequest, e.to_string());
+                }
+                match Payload::encode(&sig.input) {
+                    Ok(p) => Some((sig.name.clone(), p)),
+                    Err(e) => return Reply::err(format, ErrorCode::BadRequest, e.to_string()),
+                }
+            }
+            None => None,
+        };
         let run_id = uuid::Uuid::new_v4().simple().to_string();
         let at_ms = now_ms();
-        let record = RunRecord {
-            workflow_id: workflow_id.clone(),
-            run_id: run_id.clone(),
-            workflow_type: workflow_type.clone(),
-            status: RunStatus::Running,
-            started_ms: at_ms,
-            closed_ms: None,
-            last_event_id: 1,
-        };
-        let event = Event {
+        let mut events = vec![Event {
             id: 1,
             at_ms,
             kind: EventKind::WorkflowStarted {
-                workflow_type,
+                workflow_type: workflow_type.clone(),
                 workflow_id: workflow_id.clone(),
                 input,
             },
+        }];
+        if let Some((name, input)) = signal.clone() {
+            events.push(Event {
+                id: 2,
+                at_ms,
+                kind: EventKind::SignalReceived {
+                    name,
+                    input,
+                    request_id: None,
+                },
+            });
+        }
+        let record = RunRecord {
+            workflow_id: workflow_id.clone(),
+            run_id: run_id.clone(),
+            workflow_type,
+            status: RunStatus::Running,
+            started_ms: at_ms,
+            closed_ms: None,
+            last_event_id: events.len() as u32,
+            parent: None,
+            deadline_ms: request.execution_timeout_ms.map(|t| at_ms + t),
         };
-        let policies = IdPolicies {
+        let mut policies = IdPolicies {
             reuse: request.id_reuse_policy.unwrap_or_default(),
             conflict: request.id_conflict_policy.unwrap_or_default(),
         };
+        if signal.is_some() {
+            // Signal-with-start: a running run takes the signal.
+            policies.conflict = IdConflictPolicy::UseExisting;
+        }
         match rt
             .journal
-            .start_with(record.clone(), event.clone(), policies)
+            .start_with(record.clone(), events.clone(), policies)
             .await
         {
             Ok(StartOutcome::Started) => {
-                let args = ExecArgs {
-                    rt: rt.clone(),
-                    run: record,
-                    history: vec![event],
-                    recovering: false,
-                };
-                if let Err(e) = supervisor.send_message(SupervisorMsg::Spawn(args)) {
-                    tracing::error!(error = %e, "supervisor gone; the run starts at the next restart");
-                }
+                rt.spawn_run(record, events);
                 tracing::info!(%workflow_id, %run_id, "workflow started");
                 Reply::ok(
                     format,
@@ -492,14 +518,36 @@ fn handle_start(
                     },
                 )
             }
-            Ok(StartOutcome::Duplicate(existing)) => Reply::ok(
-                format,
-                &StartReply {
-                    workflow_id,
-                    run_id: existing.run_id,
-                    status: StartStatus::Duplicate,
-                },
-            ),
+            Ok(StartOutcome::Duplicate(existing)) => match signal {
+                Some((name, input)) if existing.status == RunStatus::Running => {
+                    match deliver(&rt, &workflow_id, |reply| ExecMsg::Signal {
+                        name: name.clone(),
+                        input: input.clone(),
+                        request_id: None,
+                        reply,
+                    })
+                    .await
+                    {
+                        Ok(run) => Reply::ok(
+                            format,
+                            &StartReply {
+                                workflow_id,
+                                run_id: run.run_id,
+                                status: StartStatus::Signaled,
+                            },
+                        ),
+                        Err(e) => delivery_error(format, e),
+                    }
+                }
+                _ => Reply::ok(
+                    format,
+                    &StartReply {
+                        workflow_id,
+                        run_id: existing.run_id,
+                        status: StartStatus::Duplicate,
+                    },
+                ),
+            },
             Ok(StartOutcome::AlreadyRunning(existing)) => Reply::err(
                 format,
                 ErrorCode::AlreadyRunning,
@@ -520,9 +568,17 @@ fn handle_start(
     })
 }
 
+/// The reply to a message that could not be delivered to a workflow.
+fn delivery_error(f: Format, e: DeliveryError) -> Reply {
+    match e {
+        DeliveryError::NotFound(m) => Reply::err(f, ErrorCode::NotFound, m),
+        DeliveryError::Closed(m) => Reply::err(f, ErrorCode::WorkflowClosed, m),
+        DeliveryError::Unavailable(m) => Reply::err(f, ErrorCode::Unavailable, m),
+    }
+}
+
 fn handle_api(
     rt: Arc<Runtime>,
-    _: ActorRef<SupervisorMsg>,
     message: async_nats::Message,
 ) -> futures::future::BoxFuture<'static, Reply> {
     Box::pin(async move {
@@ -558,6 +614,12 @@ fn handle_api(
                 Ok((req, f)) => query(&rt, req, f).await,
                 Err(r) => r,
             },
+            subject::API_CANCEL | subject::API_TERMINATE => {
+                match decode_edge::<CloseRequest>(&message) {
+                    Ok((req, f)) => close(&rt, req, message.subject.as_str(), f).await,
+                    Err(r) => r,
+                }
+            }
             subject::API_LIST => match decode_edge::<ListRequest>(&message) {
                 Ok((req, f)) => list(&rt, req, f),
                 Err(r) => r,
@@ -585,20 +647,8 @@ fn current_run(rt: &Runtime, workflow_id: &str, f: Format) -> Result<RunRecord, 
 }
 
 async fn signal(rt: &Runtime, req: SignalRequest, f: Format) -> Reply {
-    let run = match current_run(rt, &req.workflow_id, f) {
-        Ok(run) => run,
-        Err(reply) => return reply,
-    };
-    if run.status != RunStatus::Running {
-        return Reply::err(
-            f,
-            ErrorCode::WorkflowClosed,
-            format!(
-                "workflow {:?} is {}: it takes no signals",
-                req.workflow_id,
-                run.status.as_str()
-            ),
-        );
+    if let Err(e) = ids::validate_workflow_id(&req.workflow_id) {
+        return Reply::err(f, ErrorCode::InvalidWorkflowId, e.to_string());
     }
     if let Err(e) = ids::validate_name("signal name", &req.name) {
         return Reply::err(f, ErrorCode::BadRequest, e.to_string());
@@ -607,39 +657,67 @@ async fn signal(rt: &Runtime, req: SignalRequest, f: Format) -> Reply {
         Ok(p) => p,
         Err(e) => return Reply::err(f, ErrorCode::BadRequest, e.to_string()),
     };
-    let Some(actor) = find_execution(rt, &run.run_id).await else {
-        return Reply::err(
-            f,
-            ErrorCode::Unavailable,
-            "the run is being restarted; retry the signal",
-        );
-    };
-    match ractor::call_t!(
-        actor,
-        |reply| ExecMsg::Signal {
-            name: req.name.clone(),
-            input,
-            reply
-        },
-        30_000
-    ) {
-        Ok(Ok(())) => Reply::ok(
+    match deliver(rt, &req.workflow_id, |reply| ExecMsg::Signal {
+        name: req.name.clone(),
+        input: input.clone(),
+        request_id: req.request_id.clone(),
+        reply,
+    })
+    .await
+    {
+        Ok(run) => Reply::ok(
             f,
             &SignalReply {
                 workflow_id: run.workflow_id,
                 run_id: run.run_id,
             },
         ),
-        Ok(Err(e)) => Reply::err(
+        Err(DeliveryError::Closed(m)) => Reply::err(
             f,
-            ErrorCode::Unavailable,
-            format!("the signal was not recorded: {e}"),
+            ErrorCode::WorkflowClosed,
+            format!("{m}: it takes no signals"),
         ),
-        Err(e) => Reply::err(
+        Err(e) => delivery_error(f, e),
+    }
+}
+
+/// `baton.api.cancel` and `baton.api.terminate`.
+async fn close(rt: &Runtime, req: CloseRequest, subject: &str, f: Format) -> Reply {
+    if let Err(e) = ids::validate_workflow_id(&req.workflow_id) {
+        return Reply::err(f, ErrorCode::InvalidWorkflowId, e.to_string());
+    }
+    let terminate = subject == subject::API_TERMINATE;
+    let reason = req.reason.clone().unwrap_or_else(|| {
+        if terminate {
+            "terminated by request".into()
+        } else {
+            "cancelled by request".into()
+        }
+    });
+    let r = deliver(rt, &req.workflow_id, |reply| {
+        if terminate {
+            ExecMsg::Terminate {
+                kind: "Terminated".into(),
+                reason: reason.clone(),
+                reply: Some(reply),
+            }
+        } else {
+            ExecMsg::Cancel {
+                reason: reason.clone(),
+                reply,
+            }
+        }
+    })
+    .await;
+    match r {
+        Ok(run) => Reply::ok(
             f,
-            ErrorCode::Unavailable,
-            format!("the signal was not recorded: {e}"),
+            &SignalReply {
+                workflow_id: run.workflow_id,
+                run_id: run.run_id,
+            },
         ),
+        Err(e) => delivery_error(f, e),
     }
 }
 
@@ -649,7 +727,7 @@ async fn query(rt: &Runtime, req: QueryRequest, f: Format) -> Reply {
         Err(reply) => return reply,
     };
     let live = match run.status {
-        RunStatus::Running => find_execution(rt, &run.run_id).await,
+        RunStatus::Running => rt.find_execution(&run.run_id).await,
         _ => None,
     };
     let answer = match live {
@@ -722,6 +800,9 @@ fn closed_result(run: &RunRecord, history: &[Event]) -> Option<ResultReply> {
         }),
         Some(EventKind::WorkflowFailed { failure }) => Some(ResultReply::Failed {
             error: serde_json::to_value(failure).unwrap_or_default(),
+        }),
+        Some(EventKind::WorkflowTerminated { kind, reason }) => Some(ResultReply::Failed {
+            error: serde_json::json!({"kind": kind, "message": reason, "retryable": false}),
         }),
         _ if run.status == RunStatus::Running => None,
         _ => Some(ResultReply::Failed {
@@ -801,16 +882,12 @@ fn info(run: &RunRecord, history: &[Event]) -> WorkflowInfo {
 fn list(rt: &Runtime, req: ListRequest, f: Format) -> Reply {
     let status = match req.status.as_deref() {
         None => None,
-        Some("running") => Some(RunStatus::Running),
-        Some("completed") => Some(RunStatus::Completed),
-        Some("failed") => Some(RunStatus::Failed),
-        Some(other) => {
-            return Reply::err(
-                f,
-                ErrorCode::BadRequest,
-                format!("unknown status {other:?}"),
-            );
-        }
+        Some(s) => match RunStatus::parse(s) {
+            Some(status) => Some(status),
+            None => {
+                return Reply::err(f, ErrorCode::BadRequest, format!("unknown status {s:?}"));
+            }
+        },
     };
     let limit = req.limit.unwrap_or(100).min(10_000);
     match rt.journal.list(status, limit) {

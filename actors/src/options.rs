@@ -77,8 +77,75 @@ pub struct ActivityOptions {
     /// deadline, never waited on forever.
     #[serde(default)]
     pub schedule_to_close_ms: Option<u64>,
+    /// Longest an attempt may wait in its queue before a worker starts it, in milliseconds
+    /// (detects "no worker polls this queue"). Enforced by the orchestrator; the attempt
+    /// fails with `ScheduleToStartTimeout`, which is not retried.
+    #[serde(default)]
+    pub schedule_to_start_ms: Option<u64>,
     /// The retry policy.
     pub retry: RetryPolicy,
+    /// What cancelling the workflow does to this activity.
+    #[serde(default)]
+    pub cancellation: CancellationType,
+}
+
+/// What a workflow's cancellation does to an activity or child workflow it is waiting on
+/// (Temporal's three modes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancellationType {
+    /// Ask the activity (through its heartbeat) or child to stop, and resolve the workflow's
+    /// future as cancelled at once.
+    #[default]
+    TryCancel,
+    /// Ask it to stop, and resolve the future when it reports how it ended.
+    WaitCancellationCompleted,
+    /// Resolve the future as cancelled at once and leave the activity or child running; its
+    /// outcome is dropped.
+    Abandon,
+}
+
+/// How a child workflow is started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChildOptions {
+    /// The child's workflow ID (default: `<parent workflow ID>-child-<seq>`).
+    #[serde(default)]
+    pub workflow_id: Option<String>,
+    /// Start a new run when one fails (default: one attempt).
+    #[serde(default)]
+    pub retry: Option<RetryPolicy>,
+    /// Longest each run may take, in milliseconds; a run past it is closed as `TimedOut`.
+    #[serde(default)]
+    pub execution_timeout_ms: Option<u64>,
+    /// What cancelling the parent does to the child.
+    #[serde(default)]
+    pub cancellation: CancellationType,
+}
+
+impl ChildOptions {
+    /// Sets the child's workflow ID.
+    pub fn workflow_id(mut self, id: impl Into<String>) -> Self {
+        self.workflow_id = Some(id.into());
+        self
+    }
+
+    /// Retries failed runs with `retry`.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = Some(retry);
+        self
+    }
+
+    /// Closes a run that takes longer than `timeout` as `TimedOut`.
+    pub fn execution_timeout(mut self, timeout: Duration) -> Self {
+        self.execution_timeout_ms = Some(timeout.as_millis() as u64);
+        self
+    }
+
+    /// Sets what cancelling the parent does to the child.
+    pub fn cancellation(mut self, cancellation: CancellationType) -> Self {
+        self.cancellation = cancellation;
+        self
+    }
 }
 
 impl ActivityOptions {
@@ -89,13 +156,27 @@ impl ActivityOptions {
             start_to_close_ms: start_to_close.as_millis() as u64,
             heartbeat_timeout_ms: None,
             schedule_to_close_ms: None,
+            schedule_to_start_ms: None,
             retry,
+            cancellation: CancellationType::default(),
         }
+    }
+
+    /// Sets what cancelling the workflow does to this activity.
+    pub fn cancellation(mut self, cancellation: CancellationType) -> Self {
+        self.cancellation = cancellation;
+        self
     }
 
     /// Sets the end-to-end deadline (schedule-to-close).
     pub fn schedule_to_close(mut self, timeout: Duration) -> Self {
         self.schedule_to_close_ms = Some(timeout.as_millis() as u64);
+        self
+    }
+
+    /// Fails an attempt that no worker starts within `timeout` (schedule-to-start).
+    pub fn schedule_to_start(mut self, timeout: Duration) -> Self {
+        self.schedule_to_start_ms = Some(timeout.as_millis() as u64);
         self
     }
 

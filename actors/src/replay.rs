@@ -8,7 +8,7 @@
 //! [`Nondeterminism`] error.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     pin::Pin,
     sync::{
@@ -21,14 +21,59 @@ use std::{
 use baton_transport::{Payload, wire::Failure};
 
 use crate::{
-    context::{Command, WorkflowContext},
-    error::{Nondeterminism, WorkflowError},
+    context::{CONTINUE_AS_NEW, Command, WorkflowContext},
+    error::{ActivityError, Nondeterminism, WorkflowError},
     history::{Event, EventKind},
+    options::CancellationType,
     registry::{Policies, WorkflowFn},
 };
 
 /// The name a timer takes in the determinism check (not a valid activity name).
 const TIMER: &str = "@timer";
+/// The name an external signal takes in the determinism check.
+const SIGNAL: &str = "@signal";
+
+/// What the determinism check compares between a command and the event that recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    /// Something scheduled under a sequence number: an activity (by name), a timer, a child
+    /// workflow (`@child:<type>`), an external signal.
+    Seq(u32, String),
+    /// A timer cancelled.
+    CancelTimer(u32),
+    /// A patch marker.
+    Marker(String),
+}
+
+fn command_key(c: &Command) -> Option<Key> {
+    Some(match c {
+        Command::ScheduleActivity { seq, activity, .. } => Key::Seq(*seq, activity.clone()),
+        Command::StartTimer { seq, .. } => Key::Seq(*seq, TIMER.into()),
+        Command::StartChild {
+            seq, workflow_type, ..
+        } => Key::Seq(*seq, format!("@child:{workflow_type}")),
+        Command::SignalExternal { seq, .. } => Key::Seq(*seq, SIGNAL.into()),
+        Command::CancelTimer { seq } => Key::CancelTimer(*seq),
+        Command::RecordMarker { patch } => Key::Marker(patch.clone()),
+        Command::CompleteWorkflow { .. }
+        | Command::FailWorkflow { .. }
+        | Command::ContinueAsNew { .. } => return None,
+    })
+}
+
+fn event_key(k: &EventKind) -> Option<Key> {
+    Some(match k {
+        EventKind::ActivityScheduled { seq, activity, .. } => Key::Seq(*seq, activity.clone()),
+        EventKind::TimerStarted { seq, .. } => Key::Seq(*seq, TIMER.into()),
+        EventKind::ChildWorkflowScheduled {
+            seq, workflow_type, ..
+        } => Key::Seq(*seq, format!("@child:{workflow_type}")),
+        EventKind::ExternalSignalScheduled { seq, .. } => Key::Seq(*seq, SIGNAL.into()),
+        EventKind::TimerCancelled { seq } => Key::CancelTimer(*seq),
+        EventKind::MarkerRecorded { patch } => Key::Marker(patch.clone()),
+        _ => return None,
+    })
+}
 
 fn describe(c: &Command) -> String {
     match c {
@@ -36,9 +81,40 @@ fn describe(c: &Command) -> String {
             format!("schedules seq {seq} {activity:?}")
         }
         Command::StartTimer { seq, .. } => format!("starts a timer at seq {seq}"),
+        Command::CancelTimer { seq } => format!("cancels the timer of seq {seq}"),
+        Command::RecordMarker { patch } => format!("records patch {patch:?}"),
+        Command::StartChild {
+            seq, workflow_type, ..
+        } => format!("starts child workflow {workflow_type:?} at seq {seq}"),
+        Command::SignalExternal {
+            seq, workflow_id, ..
+        } => format!("signals {workflow_id:?} at seq {seq}"),
         Command::CompleteWorkflow { .. } => "returns".into(),
         Command::FailWorkflow { .. } => "fails".into(),
+        Command::ContinueAsNew { .. } => "continues as new".into(),
     }
+}
+
+/// Whether an event hands the code something new (so the code runs on after it).
+fn wakes(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::WorkflowStarted { .. }
+            | EventKind::ActivityCompleted { .. }
+            | EventKind::ActivityFailed {
+                retry_in_ms: None,
+                ..
+            }
+            | EventKind::TimerFired { .. }
+            | EventKind::SignalReceived { .. }
+            | EventKind::WorkflowCancelRequested { .. }
+            | EventKind::ChildWorkflowCompleted { .. }
+            | EventKind::ChildWorkflowFailed {
+                retry_in_ms: None,
+                ..
+            }
+            | EventKind::ExternalSignalResolved { .. }
+    )
 }
 
 type WorkflowFuture = Pin<Box<dyn Future<Output = Result<Payload, WorkflowError>> + Send>>;
@@ -51,6 +127,14 @@ impl Wake for Flag {
     }
 }
 
+/// Something the code waits on that the run's cancellation may resolve.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Open {
+    Timer,
+    Cancellable(CancellationType),
+    Uncancellable,
+}
+
 /// One workflow execution's state, rebuilt from its journal.
 pub struct Execution {
     ctx: WorkflowContext,
@@ -58,12 +142,20 @@ pub struct Execution {
     future: Option<WorkflowFuture>,
     woken: Arc<Flag>,
     waker: Waker,
-    /// Activities the journal says were scheduled: seq -> name.
+    /// What the journal says was scheduled: seq -> name (activity, `@timer`, ...).
     recorded: BTreeMap<u32, String>,
-    /// How many activities the code has scheduled so far.
+    /// Timers the journal says were cancelled.
+    cancelled_timers: BTreeSet<u32>,
+    /// Patch markers the journal holds.
+    recorded_markers: BTreeSet<String>,
+    /// Scheduled and not resolved yet.
+    open: BTreeMap<u32, Open>,
+    /// How many seqs the code has used so far.
     emitted: u32,
     /// The journal holds a close event.
     recorded_close: bool,
+    /// The journal says the run was closed from outside (terminated, timed out).
+    terminated: bool,
     /// The code has returned.
     finished: bool,
 }
@@ -79,15 +171,35 @@ impl Execution {
             waker: Waker::from(woken.clone()),
             woken,
             recorded: BTreeMap::new(),
+            cancelled_timers: BTreeSet::new(),
+            recorded_markers: BTreeSet::new(),
+            open: BTreeMap::new(),
             emitted: 0,
             recorded_close: false,
+            terminated: false,
             finished: false,
         }
     }
 
-    /// Whether the workflow code has returned.
+    /// Whether the workflow code has returned (or the run was closed from outside).
     pub fn is_finished(&self) -> bool {
         self.finished || self.recorded_close
+    }
+
+    /// Signals the run received that the code has not consumed, in order (carried to the
+    /// next run on continue-as-new).
+    pub fn unconsumed_signals(&self) -> Vec<(String, Payload)> {
+        let shared = self.ctx.shared.lock().expect("workflow context lock");
+        let mut names: Vec<&String> = shared.signals.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .flat_map(|n| {
+                shared.signals[n]
+                    .iter()
+                    .map(move |p| (n.clone(), p.clone()))
+            })
+            .collect()
     }
 
     /// Rebuilds the execution from its journal, the way it ran live: after each event that
@@ -95,104 +207,77 @@ impl Execution {
     /// and the commands it issues must be the events that follow in the journal. Returns
     /// the commands the journal does not hold yet (the code ran ahead of a crash).
     pub fn replay(&mut self, history: &[Event]) -> Result<Vec<Command>, Nondeterminism> {
+        {
+            let mut shared = self.ctx.shared.lock().expect("workflow context lock");
+            shared.history_markers = history
+                .iter()
+                .filter_map(|e| match &e.kind {
+                    EventKind::MarkerRecorded { patch } => Some(patch.clone()),
+                    _ => None,
+                })
+                .collect();
+        }
         let mut expected: std::collections::VecDeque<Command> = Default::default();
-        for event in history {
-            let recorded = match &event.kind {
-                EventKind::ActivityScheduled { seq, activity, .. } => {
-                    Some((*seq, activity.as_str()))
-                }
-                EventKind::TimerStarted { seq, .. } => Some((*seq, TIMER)),
-                _ => None,
-            };
-            if let Some((seq, name)) = recorded {
-                match expected.pop_front() {
-                    Some(Command::ScheduleActivity {
-                        seq: s,
-                        ref activity,
-                        ..
-                    }) if s == seq && activity == name => {}
-                    Some(Command::StartTimer { seq: s, .. }) if s == seq && name == TIMER => {}
-                    Some(other) => {
-                        return Err(Nondeterminism(format!(
-                            "event {}: the journal has seq {seq} {name:?} but the code {}",
-                            event.id,
-                            describe(&other)
-                        )));
-                    }
-                    None => {
-                        return Err(Nondeterminism(format!(
-                            "event {}: the journal has seq {seq} {name:?} but the code did not issue it",
-                            event.id
-                        )));
+        for (i, event) in history.iter().enumerate() {
+            match event_key(&event.kind) {
+                // A marker the code no longer asks for (the patch was retired) is allowed.
+                Some(Key::Marker(patch)) => {
+                    if matches!(expected.front(), Some(Command::RecordMarker { patch: p }) if *p == patch)
+                    {
+                        expected.pop_front();
                     }
                 }
+                Some(key) => {
+                    while matches!(expected.front(), Some(Command::RecordMarker { .. })) {
+                        expected.pop_front();
+                    }
+                    match expected.pop_front() {
+                        Some(c) if command_key(&c).as_ref() == Some(&key) => {}
+                        Some(other) => {
+                            return Err(Nondeterminism(format!(
+                                "event {}: the journal has {} but the code {}",
+                                event.id,
+                                event_desc(&key),
+                                describe(&other)
+                            )));
+                        }
+                        None => {
+                            return Err(Nondeterminism(format!(
+                                "event {}: the journal has {} but the code did not issue it",
+                                event.id,
+                                event_desc(&key)
+                            )));
+                        }
+                    }
+                }
+                None => {}
+            }
+            if let EventKind::WorkflowTerminated { .. } = event.kind {
+                // Closed from outside: the code's own ending is not expected.
+                self.apply(event)?;
+                return Ok(Vec::new());
             }
             if event.kind.is_close() {
-                match (expected.pop_front(), &event.kind) {
-                    (
-                        Some(Command::CompleteWorkflow { output }),
-                        EventKind::WorkflowCompleted { output: recorded },
-                    ) => {
-                        if output.to_json() != recorded.to_json() {
-                            return Err(Nondeterminism(format!(
-                                "event {}: the journal's output is {} but the code returns {}",
-                                event.id,
-                                recorded.to_json(),
-                                output.to_json()
-                            )));
-                        }
-                    }
-                    (
-                        Some(Command::FailWorkflow { failure }),
-                        EventKind::WorkflowFailed { failure: recorded },
-                    ) => {
-                        if failure.kind != recorded.kind {
-                            return Err(Nondeterminism(format!(
-                                "event {}: the journal's failure is {:?} but the code fails with {:?}",
-                                event.id, recorded.kind, failure.kind
-                            )));
-                        }
-                    }
-                    (other, _)
-                        if matches!(
-                            other,
-                            Some(Command::CompleteWorkflow { .. } | Command::FailWorkflow { .. })
-                        ) =>
-                    {
-                        return Err(Nondeterminism(format!(
-                            "event {}: the journal closed the run as {} but the code {}",
-                            event.id,
-                            event.kind.name(),
-                            other.as_ref().map_or(String::new(), describe)
-                        )));
-                    }
-                    (other, _) => {
-                        return Err(Nondeterminism(format!(
-                            "event {}: the journal says the workflow closed but the code {}",
-                            event.id,
-                            other
-                                .as_ref()
-                                .map_or("has not returned".to_string(), describe)
-                        )));
-                    }
+                while matches!(expected.front(), Some(Command::RecordMarker { .. })) {
+                    expected.pop_front();
                 }
+                check_close(event, expected.pop_front())?;
             }
             self.apply(event)?;
-            let wakes = matches!(
-                event.kind,
-                EventKind::WorkflowStarted { .. }
-                    | EventKind::ActivityCompleted { .. }
-                    | EventKind::ActivityFailed {
-                        retry_in_ms: None,
-                        ..
-                    }
-                    | EventKind::TimerFired { .. }
-                    | EventKind::SignalReceived { .. }
-            );
-            if wakes {
+            if wakes(&event.kind) {
+                self.ctx
+                    .shared
+                    .lock()
+                    .expect("workflow context lock")
+                    .replaying = i + 1 < history.len();
                 expected.extend(self.advance()?);
             }
         }
+        self.ctx
+            .shared
+            .lock()
+            .expect("workflow context lock")
+            .replaying = false;
         Ok(expected.into())
     }
 
@@ -212,8 +297,15 @@ impl Execution {
                 }
                 self.future = Some((self.run)(self.ctx.clone(), input.clone()));
             }
-            EventKind::ActivityScheduled { seq, activity, .. } => {
+            EventKind::ActivityScheduled {
+                seq,
+                activity,
+                options,
+                ..
+            } => {
                 self.recorded.insert(*seq, activity.clone());
+                self.open
+                    .insert(*seq, Open::Cancellable(options.cancellation));
             }
             EventKind::ActivityCompleted { seq, result, .. } => {
                 self.resolve(*seq, Ok(result.clone()))
@@ -227,9 +319,15 @@ impl Execution {
             EventKind::ActivityFailed { .. } => {}
             EventKind::TimerStarted { seq, .. } => {
                 self.recorded.insert(*seq, TIMER.into());
+                self.open.insert(*seq, Open::Timer);
             }
             EventKind::TimerFired { seq } => self.resolve(*seq, Ok(Payload::default())),
-            EventKind::SignalReceived { name, input } => {
+            EventKind::TimerCancelled { seq } => {
+                // The code's future was resolved when it cancelled the timer.
+                self.cancelled_timers.insert(*seq);
+                self.open.remove(seq);
+            }
+            EventKind::SignalReceived { name, input, .. } => {
                 let mut shared = self.ctx.shared.lock().expect("workflow context lock");
                 shared
                     .signals
@@ -240,8 +338,71 @@ impl Execution {
                     w.wake();
                 }
             }
-            EventKind::WorkflowCompleted { .. } | EventKind::WorkflowFailed { .. } => {
-                self.recorded_close = true
+            EventKind::WorkflowCancelRequested { .. } => {
+                {
+                    let mut shared = self.ctx.shared.lock().expect("workflow context lock");
+                    shared.cancel_requested = true;
+                    for w in std::mem::take(&mut shared.cancel_wakers) {
+                        w.wake();
+                    }
+                }
+                let open: Vec<(u32, Open)> = self.open.iter().map(|(s, o)| (*s, *o)).collect();
+                for (seq, o) in open {
+                    let now = match o {
+                        Open::Timer => true,
+                        Open::Cancellable(c) => c != CancellationType::WaitCancellationCompleted,
+                        Open::Uncancellable => false,
+                    };
+                    if now {
+                        self.resolve(
+                            seq,
+                            Err(ActivityError::cancelled("the workflow was cancelled").into()),
+                        );
+                    }
+                }
+            }
+            EventKind::MarkerRecorded { patch } => {
+                self.recorded_markers.insert(patch.clone());
+            }
+            EventKind::ChildWorkflowScheduled {
+                seq,
+                workflow_type,
+                options,
+                ..
+            } => {
+                self.recorded
+                    .insert(*seq, format!("@child:{workflow_type}"));
+                self.open
+                    .insert(*seq, Open::Cancellable(options.cancellation));
+            }
+            EventKind::ChildWorkflowStarted { .. } => {}
+            EventKind::ChildWorkflowCompleted { seq, result, .. } => {
+                self.resolve(*seq, Ok(result.clone()))
+            }
+            EventKind::ChildWorkflowFailed {
+                seq,
+                failure,
+                retry_in_ms: None,
+                ..
+            } => self.resolve(*seq, Err(failure.clone())),
+            EventKind::ChildWorkflowFailed { .. } => {}
+            EventKind::ExternalSignalScheduled { seq, .. } => {
+                self.recorded.insert(*seq, SIGNAL.into());
+                self.open.insert(*seq, Open::Uncancellable);
+            }
+            EventKind::ExternalSignalResolved { seq, failure } => match failure {
+                None => self.resolve(
+                    *seq,
+                    Ok(Payload::encode(&()).map_err(|e| Nondeterminism(e.to_string()))?),
+                ),
+                Some(f) => self.resolve(*seq, Err(f.clone())),
+            },
+            EventKind::WorkflowCompleted { .. }
+            | EventKind::WorkflowFailed { .. }
+            | EventKind::WorkflowContinuedAsNew { .. } => self.recorded_close = true,
+            EventKind::WorkflowTerminated { .. } => {
+                self.recorded_close = true;
+                self.terminated = true;
             }
         }
         Ok(())
@@ -269,7 +430,13 @@ impl Execution {
     }
 
     fn resolve(&mut self, seq: u32, result: Result<Payload, Failure>) {
+        // Resolved once: an outcome of something the cancellation already resolved is
+        // not handed to the code again.
+        if self.open.remove(&seq).is_none() {
+            return;
+        }
         let mut shared = self.ctx.shared.lock().expect("workflow context lock");
+        shared.open_timers.remove(&seq);
         shared.results.insert(seq, result);
         if let Some(w) = shared.wakers.remove(&seq) {
             w.wake();
@@ -300,34 +467,54 @@ impl Execution {
                 .commands,
         );
         for command in commands {
-            let scheduled = match &command {
-                Command::ScheduleActivity { seq, activity, .. } => Some((*seq, activity.clone())),
-                Command::StartTimer { seq, .. } => Some((*seq, TIMER.to_string())),
-                _ => None,
-            };
-            if let Some((seq, activity)) = scheduled {
-                let seq = &seq;
-                self.emitted = self.emitted.max(seq + 1);
-                match self.recorded.get(seq) {
-                    Some(recorded) if *recorded == activity => continue,
-                    Some(recorded) => {
-                        return Err(Nondeterminism(format!(
-                            "activity seq {seq}: the journal scheduled {recorded:?} but the code schedules {activity:?}"
-                        )));
+            match command_key(&command) {
+                Some(Key::Seq(seq, name)) => {
+                    self.emitted = self.emitted.max(seq + 1);
+                    match self.recorded.get(&seq) {
+                        Some(recorded) if *recorded == name => continue,
+                        Some(recorded) => {
+                            return Err(Nondeterminism(format!(
+                                "seq {seq}: the journal scheduled {recorded:?} but the code schedules {name:?}"
+                            )));
+                        }
+                        None => out.push(command),
                     }
-                    None => out.push(command),
                 }
+                Some(Key::CancelTimer(seq)) if !self.cancelled_timers.contains(&seq) => {
+                    out.push(command)
+                }
+                Some(Key::Marker(patch)) if !self.recorded_markers.contains(&patch) => {
+                    out.push(command)
+                }
+                _ => {}
             }
         }
         if let Some((&seq, name)) = self.recorded.range(self.emitted..).next() {
             return Err(Nondeterminism(format!(
-                "activity seq {seq} ({name:?}) is in the journal but the code did not schedule it"
+                "seq {seq} ({name:?}) is in the journal but the code did not schedule it"
             )));
+        }
+        if self.terminated {
+            return Ok(out);
         }
         match returned {
             Some(_) if self.recorded_close => {}
             Some(Ok(output)) => out.push(Command::CompleteWorkflow { output }),
-            Some(Err(e)) => out.push(Command::FailWorkflow { failure: e.into() }),
+            Some(Err(e)) => {
+                let next = self
+                    .ctx
+                    .shared
+                    .lock()
+                    .expect("workflow context lock")
+                    .continue_as_new
+                    .take();
+                match next {
+                    Some(input) if e.kind == CONTINUE_AS_NEW => {
+                        out.push(Command::ContinueAsNew { input })
+                    }
+                    _ => out.push(Command::FailWorkflow { failure: e.into() }),
+                }
+            }
             None if self.recorded_close && !self.finished => {
                 return Err(Nondeterminism(
                     "the journal says the workflow closed but the code has not returned".into(),
@@ -339,10 +526,88 @@ impl Execution {
     }
 }
 
+fn event_desc(key: &Key) -> String {
+    match key {
+        Key::Seq(seq, name) => format!("seq {seq} {name:?}"),
+        Key::CancelTimer(seq) => format!("the timer of seq {seq} cancelled"),
+        Key::Marker(patch) => format!("patch {patch:?}"),
+    }
+}
+
+/// Checks the code's ending against the journal's close event.
+fn check_close(event: &Event, command: Option<Command>) -> Result<(), Nondeterminism> {
+    match (command, &event.kind) {
+        (
+            Some(Command::CompleteWorkflow { output }),
+            EventKind::WorkflowCompleted { output: recorded },
+        ) => {
+            if output.to_json() != recorded.to_json() {
+                return Err(Nondeterminism(format!(
+                    "event {}: the journal's output is {} but the code returns {}",
+                    event.id,
+                    recorded.to_json(),
+                    output.to_json()
+                )));
+            }
+            Ok(())
+        }
+        (
+            Some(Command::FailWorkflow { failure }),
+            EventKind::WorkflowFailed { failure: recorded },
+        ) => {
+            if failure.kind != recorded.kind {
+                return Err(Nondeterminism(format!(
+                    "event {}: the journal's failure is {:?} but the code fails with {:?}",
+                    event.id, recorded.kind, failure.kind
+                )));
+            }
+            Ok(())
+        }
+        (
+            Some(Command::ContinueAsNew { input }),
+            EventKind::WorkflowContinuedAsNew {
+                input: recorded, ..
+            },
+        ) => {
+            if input.to_json() != recorded.to_json() {
+                return Err(Nondeterminism(format!(
+                    "event {}: the journal continued as new with {} but the code with {}",
+                    event.id,
+                    recorded.to_json(),
+                    input.to_json()
+                )));
+            }
+            Ok(())
+        }
+        (
+            Some(
+                other @ (Command::CompleteWorkflow { .. }
+                | Command::FailWorkflow { .. }
+                | Command::ContinueAsNew { .. }),
+            ),
+            _,
+        ) => Err(Nondeterminism(format!(
+            "event {}: the journal closed the run as {} but the code {}",
+            event.id,
+            event.kind.name(),
+            describe(&other)
+        ))),
+        (other, _) => Err(Nondeterminism(format!(
+            "event {}: the journal says the workflow closed but the code {}",
+            event.id,
+            other
+                .as_ref()
+                .map_or("has not returned".to_string(), describe)
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ActivityDef, ActivityOptions, Registry, RetryPolicy, WorkflowContext};
+    use crate::{
+        ActivityDef, ActivityOptions, CancellationType, Registry, RetryPolicy, WorkflowContext,
+    };
     use std::time::Duration;
 
     const UPPER: ActivityDef<String, String> = ActivityDef::new("upper");
@@ -665,7 +930,7 @@ mod tests {
     async fn timed(ctx: WorkflowContext, text: String) -> Result<(u64, u64, u64), WorkflowError> {
         let up = ctx.activity(&UPPER, &text).await?;
         let t1 = ctx.now_ms();
-        ctx.sleep(Duration::from_secs(60)).await;
+        ctx.sleep(Duration::from_secs(60)).await?;
         let t2 = ctx.now_ms();
         ctx.activity(&COUNT, &up).await?;
         Ok((t1, t2, ctx.now_ms()))
@@ -775,6 +1040,7 @@ mod tests {
         let sig = |n: i64| EventKind::SignalReceived {
             name: "add".into(),
             input: Payload::encode(&n).unwrap(),
+            request_id: None,
         };
         let h = HistoryBuilder::default()
             .push(EventKind::WorkflowStarted {
@@ -827,5 +1093,227 @@ mod tests {
             [Command::FailWorkflow { failure }] => assert_eq!(failure.kind, "UnregisteredActivity"),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// v1 of a versioned workflow: upper only.
+    async fn versioned_v1(ctx: WorkflowContext, text: String) -> Result<String, WorkflowError> {
+        Ok(ctx.activity(&UPPER, &text).await?)
+    }
+
+    /// v2: counts instead, for runs that reach this point after the patch.
+    async fn versioned_v2(ctx: WorkflowContext, text: String) -> Result<String, WorkflowError> {
+        if ctx.patched("count-instead") {
+            Ok(ctx.activity(&COUNT, &text).await?.to_string())
+        } else {
+            Ok(ctx.activity(&UPPER, &text).await?)
+        }
+    }
+
+    #[test]
+    fn patched_keeps_old_runs_on_the_old_path_and_new_runs_on_the_new() {
+        let mut r = registry();
+        r.workflow("versioned", versioned_v2).unwrap();
+        r.workflow("versioned_v1", versioned_v1).unwrap();
+        // A run recorded by v1 (no marker) replays under v2 on the old path.
+        let old = HistoryBuilder::default()
+            .started("versioned", "ab")
+            .scheduled(0, "upper", "ab")
+            .completed(0, "AB")
+            .push(EventKind::WorkflowCompleted {
+                output: Payload::encode("AB").unwrap(),
+            })
+            .build();
+        let mut exec = execution(&r, "versioned");
+        assert_eq!(exec.replay(&old).unwrap(), vec![]);
+        // A run in flight under v1 (the activity scheduled, not completed) also stays on it.
+        let in_flight = HistoryBuilder::default()
+            .started("versioned", "ab")
+            .scheduled(0, "upper", "ab")
+            .build();
+        let mut exec = execution(&r, "versioned");
+        assert_eq!(exec.replay(&in_flight).unwrap(), vec![]);
+        // A new run takes the new path and records the marker before the activity.
+        let mut exec = execution(&r, "versioned");
+        let fresh = HistoryBuilder::default().started("versioned", "ab").build();
+        let cmds = exec.replay(&fresh).unwrap();
+        assert!(
+            matches!(&cmds[..], [Command::RecordMarker { patch }, Command::ScheduleActivity { activity, .. }] if patch == "count-instead" && activity == "count"),
+            "{cmds:?}"
+        );
+        // Its history replays under v2 with nothing new to do.
+        let new = HistoryBuilder::default()
+            .started("versioned", "ab")
+            .push(EventKind::MarkerRecorded {
+                patch: "count-instead".into(),
+            })
+            .scheduled(0, "count", "ab")
+            .completed(0, 2)
+            .push(EventKind::WorkflowCompleted {
+                output: Payload::encode("2").unwrap(),
+            })
+            .build();
+        let mut exec = execution(&r, "versioned");
+        assert_eq!(exec.replay(&new).unwrap(), vec![]);
+        // The same history under v1 is caught: v1 would upper where the journal counted.
+        let mut exec = execution(&r, "versioned_v1");
+        assert!(exec.replay(&new).is_err());
+    }
+
+    /// Sleeps on two timers; cancels the long one when the short one fires.
+    async fn two_timers(ctx: WorkflowContext, _: String) -> Result<String, WorkflowError> {
+        let short = ctx.sleep(Duration::from_secs(1));
+        let long = ctx.sleep(Duration::from_secs(3600));
+        let long_id = long.id();
+        short.await?;
+        ctx.cancel_timer(long_id);
+        let long = long.await;
+        // Cancelling again does nothing.
+        ctx.cancel_timer(long_id);
+        Ok(format!("long: {:?}", long.map_err(|e| e.kind)))
+    }
+
+    #[test]
+    fn a_cancelled_timer_resolves_at_once_and_is_journaled() {
+        let mut r = registry();
+        r.workflow("two_timers", two_timers).unwrap();
+        let timer = |seq| EventKind::TimerStarted {
+            seq,
+            fire_at_ms: 5_000,
+        };
+        let h = HistoryBuilder::default()
+            .started("two_timers", "x")
+            .push(timer(0))
+            .push(timer(1))
+            .push(EventKind::TimerFired { seq: 0 })
+            .build();
+        let mut exec = execution(&r, "two_timers");
+        let cmds = exec.replay(&h).unwrap();
+        assert!(
+            matches!(&cmds[..], [Command::CancelTimer { seq: 1 }, Command::CompleteWorkflow { output }] if output.to_json() == "long: Err(\"Cancelled\")"),
+            "{cmds:?}"
+        );
+        // Recorded, the history replays with nothing left to do.
+        let mut full = HistoryBuilder(h);
+        full = full
+            .push(EventKind::TimerCancelled { seq: 1 })
+            .push(EventKind::WorkflowCompleted {
+                output: Payload::encode("long: Err(\"Cancelled\")").unwrap(),
+            });
+        let mut exec = execution(&r, "two_timers");
+        assert_eq!(exec.replay(&full.build()).unwrap(), vec![]);
+    }
+
+    /// Waits on an activity of the given cancellation type; reports how it ended.
+    async fn cancellable(ctx: WorkflowContext, mode: String) -> Result<String, WorkflowError> {
+        let c = match mode.as_str() {
+            "wait" => CancellationType::WaitCancellationCompleted,
+            "abandon" => CancellationType::Abandon,
+            _ => CancellationType::TryCancel,
+        };
+        let r = ctx
+            .activity_with(&UPPER, &mode, opts().cancellation(c))
+            .await;
+        let cancelled = ctx.is_cancel_requested();
+        Ok(format!("{:?} {cancelled}", r.map_err(|e| e.kind)))
+    }
+
+    #[test]
+    fn cancellation_resolves_by_the_activity_cancellation_type() {
+        let mut r = registry();
+        r.workflow("cancellable", cancellable).unwrap();
+        for (mode, expect) in [
+            ("try", Some("Err(\"Cancelled\") true")),
+            ("abandon", Some("Err(\"Cancelled\") true")),
+            ("wait", None),
+        ] {
+            let h = HistoryBuilder::default()
+                .started("cancellable", mode)
+                .push(EventKind::ActivityScheduled {
+                    seq: 0,
+                    activity: "upper".into(),
+                    input: Payload::encode(mode).unwrap(),
+                    options: opts(),
+                })
+                .push(EventKind::WorkflowCancelRequested {
+                    reason: "test".into(),
+                })
+                .build();
+            // The recorded options decide, as they did live.
+            let mut h = h;
+            if let EventKind::ActivityScheduled { options, .. } = &mut h[1].kind {
+                options.cancellation = match mode {
+                    "wait" => CancellationType::WaitCancellationCompleted,
+                    "abandon" => CancellationType::Abandon,
+                    _ => CancellationType::TryCancel,
+                };
+            }
+            let mut exec = execution(&r, "cancellable");
+            let cmds = exec.replay(&h).unwrap();
+            match expect {
+                Some(out) => assert!(
+                    matches!(&cmds[..], [Command::CompleteWorkflow { output }] if output.to_json() == out),
+                    "{mode}: {cmds:?}"
+                ),
+                // wait_cancellation_completed: nothing until the activity reports.
+                None => assert!(cmds.is_empty(), "{mode}: {cmds:?}"),
+            }
+        }
+    }
+
+    /// Continues as new until the count reaches 3, adding the `add` signals.
+    async fn rolling(ctx: WorkflowContext, count: u32) -> Result<u32, WorkflowError> {
+        if count >= 3 {
+            return Ok(count);
+        }
+        let _: i64 = ctx.signal("add").await?;
+        Err(ctx.continue_as_new(&(count + 1)))
+    }
+
+    #[test]
+    fn continue_as_new_is_a_close_command_with_the_new_input_and_keeps_unread_signals() {
+        let mut r = registry();
+        r.workflow("rolling", rolling).unwrap();
+        let sig = |n: i64| EventKind::SignalReceived {
+            name: "add".into(),
+            input: Payload::encode(&n).unwrap(),
+            request_id: None,
+        };
+        let h = HistoryBuilder::default()
+            .push(EventKind::WorkflowStarted {
+                workflow_type: "rolling".into(),
+                workflow_id: "wf-1".into(),
+                input: Payload::encode(&1u32).unwrap(),
+            })
+            .push(sig(5))
+            .build();
+        let mut exec = execution(&r, "rolling");
+        let cmds = exec.replay(&h).unwrap();
+        assert!(
+            matches!(&cmds[..], [Command::ContinueAsNew { input }] if input.to_json() == 2),
+            "{cmds:?}"
+        );
+        // A second signal arrived with the first: it is not consumed, so it is carried.
+        let mut exec = execution(&r, "rolling");
+        let mut h2 = HistoryBuilder(h.clone());
+        h2 = h2.push(sig(6));
+        let _ = exec.replay(&h2.build()).unwrap();
+        let left = exec.unconsumed_signals();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].1.to_json(), 6);
+        // The recorded close replays; a different input is non-determinism.
+        let closed = HistoryBuilder(h.clone())
+            .push(EventKind::WorkflowContinuedAsNew {
+                new_run_id: "r2".into(),
+                input: Payload::encode(&2u32).unwrap(),
+            })
+            .build();
+        assert_eq!(execution(&r, "rolling").replay(&closed).unwrap(), vec![]);
+        let wrong = HistoryBuilder(h)
+            .push(EventKind::WorkflowContinuedAsNew {
+                new_run_id: "r2".into(),
+                input: Payload::encode(&7u32).unwrap(),
+            })
+            .build();
+        assert!(execution(&r, "rolling").replay(&wrong).is_err());
     }
 }

@@ -10,8 +10,11 @@
 //!   dies, the task is redelivered to another worker once `TASK_ACK_WAIT` passes.
 
 use std::{
-    collections::HashMap,
-    sync::Arc,
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -20,7 +23,7 @@ use baton_transport::{
     Payload, codec,
     jetstream::{Streams, heartbeat_key},
     subject,
-    wire::{ActivityOutcome, ActivityReport, ActivityTask, Failure},
+    wire::{ActivityOutcome, ActivityReport, ActivityTask, Failure, Liveness},
 };
 use futures::StreamExt;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -47,6 +50,7 @@ pub struct PoolHandle {
     /// The supervisor that keeps a pool actor running.
     pub supervisor: ActorRef<SupervisorMsg>,
     join: tokio::task::JoinHandle<()>,
+    watch: tokio::task::JoinHandle<()>,
 }
 
 impl PoolHandle {
@@ -62,8 +66,38 @@ impl PoolHandle {
         ractor::call_t!(self.supervisor, SupervisorMsg::Restarts, 5_000).unwrap_or(0)
     }
 
+    /// Graceful shutdown: starts no more tasks, lets the running activities finish and
+    /// report for up to `grace`, then stops (what still runs is abandoned and its tasks are
+    /// redelivered to other workers). Returns how many were abandoned.
+    pub async fn shutdown(self, grace: Duration) -> usize {
+        let deadline = Instant::now() + grace;
+        let mut running = 0;
+        if let Some(pool) = self.pool().await {
+            let _ = pool.send_message(PoolMsg::Drain);
+            loop {
+                running = ractor::call_t!(pool, PoolMsg::Running, 5_000).unwrap_or(0);
+                if running == 0 || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if running > 0
+            && let Some(pool) = self.pool().await
+        {
+            tracing::warn!(
+                running,
+                "grace period over; handing running activities back"
+            );
+            running = ractor::call_t!(pool, PoolMsg::Abandon, 5_000).unwrap_or(running);
+        }
+        self.stop().await;
+        running
+    }
+
     /// Stops the pool (running activities are abandoned; their tasks are redelivered).
     pub async fn stop(self) {
+        self.watch.abort();
         self.supervisor.stop(None);
         let _ = self.join.await;
     }
@@ -173,20 +207,59 @@ pub async fn start_pool(
 ) -> Result<PoolHandle, ActorProcessingErr> {
     baton_transport::ids::validate_name("task queue", &options.queue)?;
     let consumer = streams.queue_consumer(&options.queue).await?;
+    let cancels = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let watch = tokio::spawn(watch_cancels(streams.cancels.clone(), cancels.clone()));
     let args = PoolArgs {
         streams,
         consumer,
         registry,
         options,
+        cancels,
     };
     let (supervisor, join) = Actor::spawn(None, PoolSupervisor, args).await?;
-    Ok(PoolHandle { supervisor, join })
+    Ok(PoolHandle {
+        supervisor,
+        join,
+        watch,
+    })
+}
+
+/// Keeps `set` equal to the keys of the cancellation bucket (marks already there, then each
+/// new one), re-watching after an error.
+async fn watch_cancels(kv: jetstream::kv::Store, set: Arc<std::sync::Mutex<HashSet<String>>>) {
+    loop {
+        match kv.watch_with_history(">").await {
+            Ok(mut watch) => {
+                while let Some(entry) = watch.next().await {
+                    match entry {
+                        Ok(e) if e.operation == jetstream::kv::Operation::Put => {
+                            set.lock().expect("cancels lock").insert(e.key);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cancellation watch failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cancellation watch not started"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Messages of a pool.
 pub enum PoolMsg {
     /// Pull more tasks if slots are free.
     Fetch,
+    /// Start no more tasks (graceful shutdown): tasks still delivered go back to the queue.
+    Drain,
+    /// How many activities are running.
+    Running(ractor::RpcReplyPort<usize>),
+    /// End of a graceful shutdown's grace period: hand the running tasks back to the queue
+    /// at once (for other workers) and stop their runners; answered when done.
+    Abandon(ractor::RpcReplyPort<usize>),
     /// A task pulled from JetStream.
     Delivered(Box<jetstream::Message>),
     /// A pull request ended.
@@ -225,6 +298,9 @@ pub struct PoolArgs {
     consumer: PullConsumer,
     registry: Arc<Registry>,
     options: PoolOptions,
+    /// Activities (`<run_id>.<seq>`) whose workflow asked them to stop, fed by a watch on
+    /// the `BATON_CANCELS` bucket.
+    cancels: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 struct Running {
@@ -233,6 +309,9 @@ struct Running {
     runner: ActorRef<RunnerMsg>,
     started: Instant,
     last_heartbeat: Instant,
+    /// When the orchestrator was last told this attempt is alive (`BATON_LIVENESS`), for
+    /// attempts it watches.
+    liveness_written: Option<Instant>,
     /// Set when the pool killed the runner, with the failure to report.
     killed: Option<Failure>,
 }
@@ -248,6 +327,8 @@ pub struct PoolState {
     reserved: usize,
     fetching: bool,
     next_key: u64,
+    /// Shutting down: no new tasks.
+    draining: bool,
 }
 
 impl PoolState {
@@ -279,6 +360,7 @@ impl Actor for Pool {
             reserved: 0,
             fetching: false,
             next_key: 0,
+            draining: false,
         })
     }
 
@@ -290,9 +372,28 @@ impl Actor for Pool {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             PoolMsg::Fetch => fetch(&myself, state),
+            PoolMsg::Drain => state.draining = true,
+            PoolMsg::Running(reply) => {
+                let _ = reply.send(state.running.len());
+            }
+            PoolMsg::Abandon(reply) => {
+                let n = state.running.len();
+                for (_, r) in state.running.drain() {
+                    r.runner.kill();
+                    if let Err(e) = r.message.ack_with(AckKind::Nak(None)).await {
+                        tracing::warn!(error = %e, run_id = %r.task.run_id, seq = r.task.seq, "task not handed back; it is redelivered after its ack wait");
+                    }
+                }
+                let _ = reply.send(n);
+            }
             PoolMsg::Delivered(message) => {
                 state.reserved = state.reserved.saturating_sub(1);
-                start_task(&myself, state, *message).await?;
+                if state.draining {
+                    // Back to the queue at once, for another worker.
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                } else {
+                    start_task(&myself, state, *message).await?;
+                }
             }
             PoolMsg::FetchDone {
                 requested,
@@ -385,7 +486,7 @@ impl Actor for Pool {
 /// Starts a pull for as many tasks as there are free slots, unless one is under way.
 fn fetch(myself: &ActorRef<PoolMsg>, state: &mut PoolState) {
     let free = state.free();
-    if state.fetching || free == 0 {
+    if state.fetching || free == 0 || state.draining {
         return;
     }
     state.fetching = true;
@@ -494,10 +595,22 @@ async fn start_task(
         None => None,
     };
     let pool = myself.clone();
+    // The workflow's cancellation reaches the activity at its heartbeats (and at once when
+    // it was requested before this attempt started).
+    let cancel_key = heartbeat_key(&task.run_id, task.seq);
+    let cancels = state.args.cancels.clone();
+    let cancelled = Arc::new(AtomicBool::new(
+        cancels.lock().expect("cancels lock").contains(&cancel_key),
+    ));
+    let flag = cancelled.clone();
     let ctx = ActivityContext::new(info, move |details| {
+        if cancels.lock().expect("cancels lock").contains(&cancel_key) {
+            flag.store(true, Ordering::Release);
+        }
         let _ = pool.send_message(PoolMsg::Heartbeat { key, details });
     })
-    .with_details(details);
+    .with_details(details)
+    .with_cancel_flag(cancelled);
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
     tracing::info!(activity = %task.activity, workflow_id = %task.workflow_id, run_id = %task.run_id, seq = task.seq,
         attempt = task.attempt, delivered, "activity started");
@@ -508,6 +621,11 @@ async fn start_task(
         key,
         pool: myself.clone(),
     };
+    // The orchestrator watches this attempt's start and heartbeats: tell it it started.
+    let watched = task.liveness || task.heartbeat_timeout_ms.is_some();
+    if watched {
+        write_liveness(state, &task).await;
+    }
     let (runner, _) = Actor::spawn_linked(None, Runner, args, myself.get_cell()).await?;
     let now = Instant::now();
     state.by_actor.insert(runner.get_id(), key);
@@ -519,10 +637,31 @@ async fn start_task(
             runner,
             started: now,
             last_heartbeat: now,
+            liveness_written: watched.then_some(now),
             killed: None,
         },
     );
     Ok(())
+}
+
+/// Records in `BATON_LIVENESS` that this worker runs the task's attempt (the entry's server
+/// time says when).
+async fn write_liveness(state: &PoolState, task: &ActivityTask) {
+    let live = Liveness {
+        attempt: task.attempt,
+        worker: state.args.options.worker_id.clone(),
+    };
+    let bytes = match codec::encode(&live) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "liveness not encodable");
+            return;
+        }
+    };
+    let key = heartbeat_key(&task.run_id, task.seq);
+    if let Err(e) = state.args.streams.liveness.put(key, bytes.into()).await {
+        tracing::warn!(error = %e, run_id = %task.run_id, seq = task.seq, "liveness not stored");
+    }
 }
 
 /// Publishes the report (waiting for JetStream to store it), then acks the task.
@@ -635,6 +774,24 @@ async fn tick(state: &mut PoolState) {
         }
         if let Err(e) = r.message.ack_with(AckKind::Progress).await {
             tracing::warn!(error = %e, "progress ack failed");
+        }
+    }
+    // Heartbeats since the last tick reach the orchestrator (at most one write a second
+    // per watched attempt).
+    let fresh: Vec<u64> = state
+        .running
+        .iter()
+        .filter(|(_, r)| {
+            r.killed.is_none() && r.liveness_written.is_some_and(|w| r.last_heartbeat > w)
+        })
+        .map(|(k, _)| *k)
+        .collect();
+    for key in fresh {
+        if let Some(task) = state.running.get(&key).map(|r| r.task.clone()) {
+            write_liveness(state, &task).await;
+        }
+        if let Some(r) = state.running.get_mut(&key) {
+            r.liveness_written = Some(now);
         }
     }
 }

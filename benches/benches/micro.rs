@@ -28,6 +28,7 @@ fn task() -> ActivityTask {
         input: Payload::encode("hello world, this is a test input!").unwrap(),
         start_to_close_ms: 120_000,
         heartbeat_timeout_ms: Some(30_000),
+        liveness: false,
     }
 }
 
@@ -76,6 +77,8 @@ fn record(wf: &str) -> RunRecord {
         started_ms: 1,
         closed_ms: None,
         last_event_id: 1,
+        parent: None,
+        deadline_ms: None,
     }
 }
 

@@ -83,15 +83,19 @@ impl EdgeClient {
         let body = StartRequest {
             workflow_id,
             input,
-            id_reuse_policy: None,
-            id_conflict_policy: None,
+            ..Default::default()
         };
-        self.request(
-            subject::start(workflow_type),
-            &body,
-            Duration::from_secs(30),
-        )
-        .await
+        self.start_with(workflow_type, &body).await
+    }
+
+    /// Starts a workflow with a full request (policies, signal-with-start, timeout).
+    pub async fn start_with(
+        &self,
+        workflow_type: &str,
+        body: &StartRequest,
+    ) -> anyhow::Result<Result<StartReply, ApiError>> {
+        self.request(subject::start(workflow_type), body, Duration::from_secs(30))
+            .await
     }
 
     /// Reads a workflow's result, waiting for it up to `wait`.

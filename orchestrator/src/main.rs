@@ -58,6 +58,8 @@ enum Cmd {
         /// Directory of the journal.
         #[arg(long, env = "BATON_DATA_DIR", default_value = "baton-data")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
     },
     /// A worker pool serving one task queue.
     Worker {
@@ -73,6 +75,10 @@ enum Cmd {
         /// `$BATON_DATA_DIR/index`, else `./baton-index`). Ignored for other queues.
         #[arg(long, env = "BATON_INDEX_DIR")]
         index_dir: Option<PathBuf>,
+        /// On SIGINT/SIGTERM, start no new activities and let the running ones finish for
+        /// up to this many milliseconds; then stop (their tasks go to other workers).
+        #[arg(long, default_value_t = 10_000)]
+        shutdown_grace_ms: u64,
     },
     /// Start a workflow.
     Start {
@@ -89,6 +95,36 @@ enum Cmd {
         /// Wait for the result and print it.
         #[arg(long)]
         wait: bool,
+        /// Signal-with-start: deliver this signal to the ID's running run, or start a run
+        /// with it.
+        #[arg(long)]
+        signal: Option<String>,
+        /// The signal's payload, as JSON.
+        #[arg(long, default_value = "null", requires = "signal")]
+        signal_input: String,
+        /// Close the workflow as timed out after this many milliseconds.
+        #[arg(long)]
+        execution_timeout_ms: Option<u64>,
+    },
+    /// Request cancellation of a workflow: its code sees it and decides how to end.
+    Cancel {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// The workflow ID.
+        id: String,
+        /// Why (recorded in its history).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Terminate a workflow: close it at once without running its code.
+    Terminate {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// The workflow ID.
+        id: String,
+        /// Why (recorded in its history).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Print a workflow's result.
     Result {
@@ -148,7 +184,8 @@ enum Cmd {
     List {
         #[command(flatten)]
         nats: NatsArgs,
-        /// Only this status: running, completed, failed.
+        /// Only this status: running, completed, failed, cancelled, terminated, timed_out,
+        /// continued_as_new.
         #[arg(long)]
         status: Option<String>,
         /// At most this many.
@@ -170,6 +207,24 @@ enum Cmd {
     },
     /// `baton dev` plus the Mini AI Pipeline: runs both workflows and prints their results.
     Demo(DevArgs),
+}
+
+/// How the orchestrator keeps executions in memory.
+#[derive(clap::Args, Clone, Debug)]
+struct CacheArgs {
+    /// Evict an execution idle this many milliseconds (it is rebuilt by replaying its
+    /// journal when needed); 0 evicts after every step, so every step replays.
+    #[arg(long, env = "BATON_EVICT_IDLE_MS", default_value_t = baton_actors::node::DEFAULT_EVICT_IDLE.as_millis() as u64)]
+    evict_idle_ms: u64,
+}
+
+impl CacheArgs {
+    fn node_options(&self, data_dir: PathBuf) -> NodeOptions {
+        NodeOptions {
+            evict_idle: Some(Duration::from_millis(self.evict_idle_ms)),
+            ..NodeOptions::new(data_dir)
+        }
+    }
 }
 
 /// Arguments of `baton dev` and `baton demo`.
@@ -196,6 +251,8 @@ pub struct DevArgs {
     /// Directory of the vector index (default: `<data-dir>/index`).
     #[arg(long)]
     index_dir: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheArgs,
     /// `baton demo` only: sequential runs of each workflow for the latency figures (0: none).
     #[arg(long, default_value_t = 20)]
     latency_runs: usize,
@@ -337,9 +394,7 @@ impl Dev {
         let orchestrator = Orchestrator::start(
             client.clone(),
             (*registry).clone(),
-            NodeOptions {
-                data_dir: data_dir.clone(),
-            },
+            args.cache.node_options(data_dir.clone()),
         )
         .await?;
         let pools = vec![
@@ -394,6 +449,36 @@ async fn ctrl_c() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return ctrl_c().await,
+    };
+    tokio::select! {
+        _ = ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// `baton cancel` and `baton terminate`.
+async fn close(
+    nats: &NatsArgs,
+    verb: &str,
+    id: &str,
+    reason: Option<String>,
+) -> anyhow::Result<()> {
+    let c = EdgeClient::connect(&nats.nats_url).await?;
+    print_json(
+        &c.api(
+            verb,
+            serde_json::json!({"workflow_id": id, "reason": reason}),
+        )
+        .await?
+        .map_err(api_error)?,
+    )
+}
+
 #[tokio::main]
 async fn main() {
     if let Err(e) = run(Cli::parse()).await {
@@ -422,10 +507,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ctrl_c().await;
             dev.stop().await;
         }
-        Cmd::Orchestrator { nats, data_dir } => {
+        Cmd::Orchestrator {
+            nats,
+            data_dir,
+            cache,
+        } => {
             let client = connect(&nats.nats_url).await?;
             let node =
-                Orchestrator::start(client, registry(&models())?, NodeOptions { data_dir }).await?;
+                Orchestrator::start(client, registry(&models())?, cache.node_options(data_dir))
+                    .await?;
             ctrl_c().await;
             node.stop().await;
         }
@@ -434,6 +524,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             queue,
             concurrency,
             index_dir,
+            shutdown_grace_ms,
         } => {
             let client = connect(&nats.nats_url).await?;
             let models = models();
@@ -447,16 +538,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let pool = pool(&client, Arc::new(registry(&models)?), &queue, concurrency).await?;
             // The chaos suite's fault-injection hook; off unless BATON_CHAOS_FAULTS=1.
-            let _faults = if faults::enabled() {
+            let faults_hook = if faults::enabled() {
                 Some(faults::serve(client.clone(), &queue, &pool).await?)
             } else {
                 None
             };
-            ctrl_c().await;
+            shutdown_signal().await;
+            if let Some(hook) = faults_hook {
+                hook.abort();
+            }
+            tracing::info!(grace_ms = shutdown_grace_ms, "shutting down");
+            let abandoned = pool
+                .shutdown(Duration::from_millis(shutdown_grace_ms))
+                .await;
             if let Some(s) = search {
                 s.stop();
             }
-            pool.stop().await;
+            tracing::info!(abandoned, "worker stopped");
         }
         Cmd::Start {
             nats,
@@ -464,6 +562,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             input,
             id,
             wait,
+            signal,
+            signal_input,
+            execution_timeout_ms,
         } => {
             let input = match input.strip_prefix('@') {
                 Some(path) => std::fs::read_to_string(path)
@@ -472,8 +573,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let input: serde_json::Value =
                 serde_json::from_str(&input).context("--input is not valid JSON")?;
+            let signal = match signal {
+                Some(name) => Some(baton_transport::wire::StartSignal {
+                    name,
+                    input: serde_json::from_str(&signal_input)
+                        .context("--signal-input is not valid JSON")?,
+                }),
+                None => None,
+            };
+            let request = baton_transport::wire::StartRequest {
+                workflow_id: id,
+                input,
+                signal,
+                execution_timeout_ms,
+                ..Default::default()
+            };
             let c = EdgeClient::connect(&nats.nats_url).await?;
-            let started = c.start(&workflow, id, input).await?.map_err(api_error)?;
+            let started = c
+                .start_with(&workflow, &request)
+                .await?
+                .map_err(api_error)?;
             print_json(&started)?;
             if wait {
                 print_result(
@@ -532,6 +651,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(api_error)?,
             )?;
         }
+        Cmd::Cancel { nats, id, reason } => close(&nats, "cancel", &id, reason).await?,
+        Cmd::Terminate { nats, id, reason } => close(&nats, "terminate", &id, reason).await?,
         Cmd::Query { nats, id, name } => {
             let c = EdgeClient::connect(&nats.nats_url).await?;
             let r = c

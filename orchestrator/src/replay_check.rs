@@ -81,8 +81,23 @@ pub fn replay(registry: &Registry, history: &[Event]) -> anyhow::Result<ReplayRe
             Command::StartTimer { seq, duration_ms } => {
                 format!("sleep {duration_ms} ms (seq {seq})")
             }
+            Command::CancelTimer { seq } => format!("cancel the timer (seq {seq})"),
+            Command::RecordMarker { patch } => format!("record patch {patch}"),
+            Command::StartChild {
+                seq,
+                workflow_type,
+                workflow_id,
+                ..
+            } => format!("start child {workflow_type} {workflow_id} (seq {seq})"),
+            Command::SignalExternal {
+                seq,
+                workflow_id,
+                name,
+                ..
+            } => format!("signal {name} to {workflow_id} (seq {seq})"),
             Command::CompleteWorkflow { .. } => "complete".into(),
             Command::FailWorkflow { failure } => format!("fail with {}", failure.kind),
+            Command::ContinueAsNew { .. } => "continue as new".into(),
         })
         .collect();
     Ok(ReplayReport {

@@ -447,6 +447,7 @@ pub async fn poison_volley(c: &Cluster, w: &Workload, rng: &mut Rng, stats: &mut
             input: baton_transport::Payload(vec![0xc0]),
             start_to_close_ms: 1_000,
             heartbeat_timeout_ms: None,
+            liveness: false,
         };
         publish(
             format!("baton.task.{queue}.poison{n}.0.1"),

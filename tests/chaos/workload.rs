@@ -104,7 +104,8 @@ pub async fn start_once(
     let answer = match client.start(WORKFLOW, Some(id), input.clone()).await {
         Ok(Reply::Ok(r)) => match r.status {
             StartStatus::Started => StartAnswer::Started(r.run_id),
-            StartStatus::Duplicate => StartAnswer::Duplicate(r.run_id),
+            // The driver sends no signal-with-start; a signaled run exists like a duplicate.
+            StartStatus::Duplicate | StartStatus::Signaled => StartAnswer::Duplicate(r.run_id),
         },
         Ok(Reply::Err(e)) => StartAnswer::Refused(
             serde_json::to_value(e.error.code)

@@ -9,3 +9,4 @@ mod harness_smoke;
 mod ingest;
 mod pipeline;
 mod runtime;
+mod semantics;

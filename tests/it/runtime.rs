@@ -25,7 +25,7 @@ const SLOW: ActivityDef<u64, u64> = ActivityDef::new("slow");
 async fn nap(ctx: WorkflowContext, ms: u64) -> Result<u64, WorkflowError> {
     ctx.activity(&ECHO, &"before".to_string()).await?;
     let t0 = ctx.now_ms();
-    ctx.sleep(Duration::from_millis(ms)).await;
+    ctx.sleep(Duration::from_millis(ms)).await?;
     let slept = ctx.now_ms() - t0;
     ctx.activity(&ECHO, &"after".to_string()).await?;
     Ok(slept)
@@ -113,17 +113,27 @@ fn registry() -> Registry {
 }
 
 async fn orchestrator(client: &async_nats::Client, dir: &Path) -> Orchestrator {
+    start_node(client, dir, registry).await
+}
+
+/// An orchestrator node in this process serving the workflows of `registry`.
+pub(crate) async fn start_node(
+    client: &async_nats::Client,
+    dir: &Path,
+    registry: fn() -> Registry,
+) -> Orchestrator {
+    start_node_with(client, NodeOptions::new(dir), registry).await
+}
+
+/// An orchestrator node in this process with `options`.
+pub(crate) async fn start_node_with(
+    client: &async_nats::Client,
+    options: NodeOptions,
+    registry: fn() -> Registry,
+) -> Orchestrator {
     // The previous node of this process may still be releasing the journal file.
     for _ in 0..100 {
-        match Orchestrator::start(
-            client.clone(),
-            registry(),
-            NodeOptions {
-                data_dir: dir.to_path_buf(),
-            },
-        )
-        .await
-        {
+        match Orchestrator::start(client.clone(), registry(), options.clone()).await {
             Ok(o) => return o,
             Err(e) => {
                 eprintln!("orchestrator not started yet: {e}");
@@ -139,14 +149,24 @@ async fn rt_pool(
     nc: &async_nats::Client,
     concurrency: usize,
 ) -> anyhow::Result<baton_actors::worker::PoolHandle> {
+    start_test_pool(nc, registry(), "rt-cpu", concurrency).await
+}
+
+/// A worker pool in this process serving `queue` with the activities of `registry`.
+pub(crate) async fn start_test_pool(
+    nc: &async_nats::Client,
+    registry: Registry,
+    queue: &str,
+    concurrency: usize,
+) -> anyhow::Result<baton_actors::worker::PoolHandle> {
     let streams = Streams::ensure(nc).await?;
     start_pool(
         streams,
-        Arc::new(registry()),
+        Arc::new(registry),
         PoolOptions {
-            queue: "rt-cpu".into(),
+            queue: queue.into(),
             concurrency,
-            worker_id: "rt-worker".into(),
+            worker_id: format!("{queue}-worker"),
         },
     )
     .await
@@ -154,7 +174,7 @@ async fn rt_pool(
 }
 
 /// Waits until the workflow's journal holds at least `count` events of type `ty`.
-async fn wait_for_events(
+pub(crate) async fn wait_for_events(
     client: &Client,
     workflow_id: &str,
     ty: &str,

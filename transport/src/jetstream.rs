@@ -38,6 +38,14 @@ pub const HEARTBEATS_BUCKET: &str = "BATON_HEARTBEATS";
 /// How long heartbeat details are kept after their last update.
 pub const HEARTBEATS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Name of the KV bucket marking the activities whose workflow asked them to stop.
+pub const CANCELS_BUCKET: &str = "BATON_CANCELS";
+/// How long a cancellation mark is kept.
+pub const CANCELS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Name of the KV bucket where workers record that an attempt started and is alive.
+pub const LIVENESS_BUCKET: &str = "BATON_LIVENESS";
+
 /// Handles to Baton's streams.
 #[derive(Clone)]
 pub struct Streams {
@@ -52,6 +60,13 @@ pub struct Streams {
     /// `BATON_HEARTBEATS`: key `<run_id>.<seq>` -> the activity's latest heartbeat
     /// details, so any later attempt or redelivery resumes from them.
     pub heartbeats: jetstream::kv::Store,
+    /// `BATON_CANCELS`: key `<run_id>.<seq>` present once the activity's cancellation was
+    /// requested; workers watch it and tell the activity at its next heartbeat.
+    pub cancels: jetstream::kv::Store,
+    /// `BATON_LIVENESS`: key `<run_id>.<seq>` -> [`crate::wire::Liveness`], written when a
+    /// watched attempt starts and as it heartbeats; the orchestrator's schedule-to-start
+    /// and heartbeat timers read it.
+    pub liveness: jetstream::kv::Store,
     max_payload: usize,
 }
 
@@ -114,12 +129,38 @@ impl Streams {
                 .await
                 .map_err(Error::nats)?,
         };
+        let cancels = key_value_bucket(
+            &js,
+            jetstream::kv::Config {
+                bucket: CANCELS_BUCKET.into(),
+                history: 1,
+                max_age: CANCELS_MAX_AGE,
+                storage: StorageType::File,
+                num_replicas: DEFAULT_REPLICAS,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let liveness = key_value_bucket(
+            &js,
+            jetstream::kv::Config {
+                bucket: LIVENESS_BUCKET.into(),
+                history: 1,
+                max_age: CANCELS_MAX_AGE,
+                storage: StorageType::File,
+                num_replicas: DEFAULT_REPLICAS,
+                ..Default::default()
+            },
+        )
+        .await?;
         Ok(Streams {
             js,
             tasks,
             reports,
             history,
             heartbeats,
+            cancels,
+            liveness,
             max_payload: client.server_info().max_payload,
         })
     }

@@ -25,6 +25,10 @@ pub const API_SIGNAL: &str = "baton.api.signal";
 pub const API_QUERY: &str = "baton.api.query";
 /// API: list workflows.
 pub const API_LIST: &str = "baton.api.list";
+/// Request cancellation of a workflow: `{workflow_id, reason?}` -> `{workflow_id, run_id}`.
+pub const API_CANCEL: &str = "baton.api.cancel";
+/// Terminate a workflow (close it without running its code): `{workflow_id, reason?}`.
+pub const API_TERMINATE: &str = "baton.api.terminate";
 /// API: search the document index. Served by the process that owns the vector index,
 /// not by the orchestrator (which leaves it unanswered).
 pub const API_SEARCH: &str = "baton.api.search";

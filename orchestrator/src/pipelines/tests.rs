@@ -194,7 +194,7 @@ async fn drive(registry: &Registry, workflow: &str, input: serde_json::Value) ->
                         attempts,
                     };
                 }
-                Command::StartTimer { .. } => panic!("the pipelines start no timers"),
+                other => panic!("the pipelines issue no {other:?}"),
             }
         }
     }
