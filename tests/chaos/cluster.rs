@@ -131,11 +131,22 @@ pub fn in_flight(log: &str) -> Vec<Attempt> {
         .collect()
 }
 
-/// The attempts a worker log reports failed in the worker (runner killed or panicked).
+/// The attempts a worker log reports failed in the worker (runner killed or panicked),
+/// their workflow IDs taken from the `activity started` lines (the failure line has none).
 pub fn failed_in_worker(log: &str) -> Vec<Attempt> {
+    let workflows: std::collections::HashMap<String, String> = log
+        .lines()
+        .filter(|l| l.contains("activity started"))
+        .filter_map(attempt_of)
+        .map(|a| (a.run_id, a.workflow_id))
+        .collect();
     log.lines()
         .filter(|l| l.contains("activity attempt failed in the worker"))
         .filter_map(attempt_of)
+        .map(|mut a| {
+            a.workflow_id = workflows.get(&a.run_id).cloned().unwrap_or_default();
+            a
+        })
         .collect()
 }
 
@@ -314,5 +325,11 @@ x INFO baton_actors::worker: activity finished activity=chaos_compute_cpu run_id
         assert_eq!((f[0].run_id.as_str(), f[0].seq, f[0].attempt), ("r2", 3, 2));
         assert_eq!(f[0].workflow_id, "w2");
         assert_eq!(redeliveries(log), 1);
+        let failed = format!(
+            "{log}x WARN baton_actors::worker: activity attempt failed in the worker activity=chaos_heartbeat_cpu run_id=r2 seq=3 attempt=2 kind=RunnerStopped\n"
+        );
+        let f = failed_in_worker(&failed);
+        assert_eq!((f.len(), f[0].workflow_id.as_str()), (1, "w2"));
+        assert!(in_flight(&failed).is_empty());
     }
 }
