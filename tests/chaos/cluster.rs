@@ -183,6 +183,8 @@ pub struct Shape {
     pub gpu_workers: usize,
     /// Each pool's concurrency.
     pub concurrency: usize,
+    /// The orchestrator's `--evict-idle-ms` (0: zero cache, every step replays).
+    pub evict_idle_ms: Option<u64>,
 }
 
 impl Cluster {
@@ -190,14 +192,18 @@ impl Cluster {
     pub async fn start(shape: Shape) -> Result<Cluster> {
         let nats = NatsServer::start().await?;
         let data_dir = tempfile::Builder::new().prefix("baton-chaos-").tempdir()?;
-        let mut orchestrator = BatonProcess::spawn([
+        let mut args = vec![
             "orchestrator".to_string(),
             "--nats-url".into(),
             nats.url(),
             "--data-dir".into(),
             data_dir.path().display().to_string(),
-        ])?;
-        // Scenario 5 (zero workflow cache) will pass the orchestrator's cache setting here.
+        ];
+        // Scenario 5: the orchestrator's workflow cache (0: every step replays).
+        if let Some(ms) = shape.evict_idle_ms {
+            args.extend(["--evict-idle-ms".to_string(), ms.to_string()]);
+        }
+        let mut orchestrator = BatonProcess::spawn(args)?;
         orchestrator
             .wait_for_log("orchestrator started", READY)
             .await?;

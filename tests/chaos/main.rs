@@ -20,8 +20,8 @@
 //! | 14 | poison on `baton.start.*`, `baton.api.*`, `baton.task.*`, `baton.report.*` |
 //! | 15 | start bodies over 1 MiB; activity results of 2, 3 (echoed), 9 and 5 (echoed) MiB (`--oversize`) |
 //!
-//! Scenario 5 (as 4 with a zero workflow cache) is left for the orchestrator's cache
-//! setting; see the marked place in `cluster.rs`.
+//! Scenario 5 is scenario 4 with the orchestrator's workflow cache at zero
+//! (`--evict-idle-ms 0`): every step of every run is rebuilt by replay.
 
 mod check;
 mod cluster;
@@ -54,8 +54,8 @@ use crate::{
 #[derive(Parser, Debug, Clone)]
 #[command(about)]
 struct Opts {
-    /// Scenarios to run (numbering from RELIABILITY.md): 2,3,4,12,13,14,15.
-    #[arg(long, value_delimiter = ',', default_values_t = [2, 3, 4, 12, 13, 14, 15])]
+    /// Scenarios to run (numbering from RELIABILITY.md): 2,3,4,5,12,13,14,15.
+    #[arg(long, value_delimiter = ',', default_values_t = [2, 3, 4, 5, 12, 13, 14, 15])]
     scenarios: Vec<u32>,
     /// Workflows per scenario (at least; the load runs until the faults are done).
     #[arg(long, default_value_t = 40)]
@@ -112,6 +112,7 @@ fn scenario_name(s: u32) -> &'static str {
         2 => "2 worker SIGKILL",
         3 => "3 actor kill/panic",
         4 => "4 orchestrator SIGKILL",
+        5 => "5 orchestrator SIGKILL, zero cache",
         12 => "12 worker SIGSTOP",
         13 => "13 duplicate starts",
         14 => "14 poison messages",
@@ -144,7 +145,7 @@ async fn main() -> ExitCode {
 async fn run(opts: Opts) -> Result<bool> {
     for s in &opts.scenarios {
         if scenario_name(*s) == "?" {
-            bail!("unknown scenario {s} (this driver runs 2, 3, 4, 12, 13, 14, 15)");
+            bail!("unknown scenario {s} (this driver runs 2, 3, 4, 5, 12, 13, 14, 15)");
         }
     }
     let mut registry = Registry::new();
@@ -255,6 +256,7 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
         cpu_workers: opts.workers,
         gpu_workers: opts.workers,
         concurrency: opts.worker_concurrency,
+        evict_idle_ms: (s == 5).then_some(0),
     };
     let mut c = Cluster::start(shape).await?;
     let limits = Limits {
@@ -290,7 +292,7 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
     match s {
         2 => faults = faults::worker_kills(&mut c, opts.faults, &mut rng).await?,
         3 => faults = faults::actor_faults(&mut c, opts.faults, &mut rng).await?,
-        4 => faults = faults::orchestrator_kills(&mut c, opts.faults, &mut rng).await?,
+        4 | 5 => faults = faults::orchestrator_kills(&mut c, opts.faults, &mut rng).await?,
         12 => faults = faults::worker_pauses(&mut c, opts.faults, &mut rng).await?,
         14 => {
             let volleys = (opts.workflows / 10).max(3);

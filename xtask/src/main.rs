@@ -39,7 +39,7 @@ commands:
   chaos [--debug] [ARGS]
                  setup, build baton and the chaos driver (release; --debug for a debug
                  build), run `baton-chaos ARGS`: faults under load, invariants I1-I8
-                 (--scenarios 2,3,4,12,13,14,15 --workflows N --faults K --concurrency C;
+                 (--scenarios 2,3,4,5,12,13,14,15 --workflows N --faults K --concurrency C;
                  `cargo xtask chaos --help` for all)
   bench --micro  run the criterion micro-benchmarks (`cargo bench -p baton-benches`)
   bench --embedder [--runs N] [--passes N] [--stages]
