@@ -553,7 +553,17 @@ fn handle_start(
                         Err(e) => delivery_error(format, e),
                     }
                 }
-                _ => Reply::ok(
+                // The signal would be lost on a closed run the policy does not replace.
+                Some(_) => Reply::err(
+                    format,
+                    ErrorCode::WorkflowClosed,
+                    format!(
+                        "workflow {workflow_id:?} is {} (run {}) and its id_reuse_policy starts no new run: the signal was not delivered",
+                        existing.status.as_str(),
+                        existing.run_id
+                    ),
+                ),
+                None => Reply::ok(
                     format,
                     &StartReply {
                         workflow_id,

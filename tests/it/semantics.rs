@@ -646,6 +646,10 @@ async fn timers_fire_and_cancel_and_signals_with_start() -> anyhow::Result<()> {
         )
         .await?;
     assert_eq!(closed["error"]["code"], "workflow_closed", "{closed}");
+    // signal-with-start on that closed ID (reuse rejected by default): an error, not a
+    // silent duplicate that drops the signal.
+    let late = env.api("baton.start.sem_collector", sws("late")).await?;
+    assert_eq!(late["error"]["code"], "workflow_closed", "{late}");
 
     // Terminate and execution timeout close a run from outside its code.
     env.start_wf("sem_collector", "coll-term", json!(null))
