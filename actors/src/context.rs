@@ -308,30 +308,17 @@ impl WorkflowContext {
         input: &I,
         options: ChildOptions,
     ) -> ResultFuture<O> {
-        let input = match Payload::encode(input) {
-            Ok(p) => p,
-            Err(e) => {
-                return ResultFuture::refused(ActivityError::non_retryable(
-                    "EncodeError",
-                    e.to_string(),
-                ));
-            }
-        };
-        let mut shared = self.shared.lock().expect("workflow context lock");
-        let seq = shared.next_seq;
-        shared.next_seq += 1;
-        let workflow_id = options
-            .workflow_id
-            .clone()
-            .unwrap_or_else(|| format!("{}-child-{seq}", self.workflow_id));
-        shared.commands.push(Command::StartChild {
+        let parent = self.workflow_id.clone();
+        self.schedule(input, |seq, input| Command::StartChild {
             seq,
             workflow_type: workflow_type.into(),
-            workflow_id,
+            workflow_id: options
+                .workflow_id
+                .clone()
+                .unwrap_or_else(|| format!("{parent}-child-{seq}")),
             input,
             options,
-        });
-        ResultFuture::waiting(self.shared.clone(), seq)
+        })
     }
 
     /// Signals another workflow; resolves once the target has recorded it, or to a
@@ -343,25 +330,12 @@ impl WorkflowContext {
         name: &str,
         input: &I,
     ) -> ResultFuture<()> {
-        let input = match Payload::encode(input) {
-            Ok(p) => p,
-            Err(e) => {
-                return ResultFuture::refused(ActivityError::non_retryable(
-                    "EncodeError",
-                    e.to_string(),
-                ));
-            }
-        };
-        let mut shared = self.shared.lock().expect("workflow context lock");
-        let seq = shared.next_seq;
-        shared.next_seq += 1;
-        shared.commands.push(Command::SignalExternal {
+        self.schedule(input, |seq, input| Command::SignalExternal {
             seq,
             workflow_id: workflow_id.into(),
             name: name.into(),
             input,
-        });
-        ResultFuture::waiting(self.shared.clone(), seq)
+        })
     }
 
     /// Schedules an activity with the options the registry declares for it.
@@ -386,6 +360,22 @@ impl WorkflowContext {
         input: &I,
         options: ActivityOptions,
     ) -> ActivityFuture<O> {
+        self.schedule(input, |seq, input| Command::ScheduleActivity {
+            seq,
+            activity: def.name.to_string(),
+            input,
+            options,
+        })
+    }
+
+    /// Encodes `input`, takes the next sequence number and issues the command `make` builds
+    /// from both; the future resolves to what the journal records for that seq. An input
+    /// that does not encode is refused (`EncodeError`) without issuing anything.
+    fn schedule<I: Serialize, O>(
+        &self,
+        input: &I,
+        make: impl FnOnce(u32, Payload) -> Command,
+    ) -> ResultFuture<O> {
         let input = match Payload::encode(input) {
             Ok(p) => p,
             Err(e) => {
@@ -395,12 +385,7 @@ impl WorkflowContext {
         let mut shared = self.shared.lock().expect("workflow context lock");
         let seq = shared.next_seq;
         shared.next_seq += 1;
-        shared.commands.push(Command::ScheduleActivity {
-            seq,
-            activity: def.name.to_string(),
-            input,
-            options,
-        });
+        shared.commands.push(make(seq, input));
         ResultFuture::waiting(self.shared.clone(), seq)
     }
 

@@ -307,6 +307,51 @@ struct Child {
     polling: bool,
 }
 
+impl Pending {
+    /// An activity just scheduled (live, or read back from the journal): attempt 1, its
+    /// schedule-to-close deadline counted from `scheduled_ms`.
+    fn scheduled(
+        activity: &str,
+        input: &Payload,
+        options: &ActivityOptions,
+        scheduled_ms: u64,
+    ) -> Pending {
+        Pending {
+            activity: activity.to_string(),
+            input: input.clone(),
+            options: options.clone(),
+            attempt: 1,
+            due_ms: 0,
+            deadline_ms: options.schedule_to_close_ms.map(|d| scheduled_ms + d),
+            cancel_requested: false,
+            dispatched_ms: 0,
+        }
+    }
+}
+
+impl Child {
+    /// A child workflow just scheduled (live, or read back from the journal): attempt 1,
+    /// not started yet.
+    fn scheduled(
+        workflow_type: &str,
+        workflow_id: &str,
+        input: &Payload,
+        options: &ChildOptions,
+    ) -> Child {
+        Child {
+            workflow_type: workflow_type.to_string(),
+            workflow_id: workflow_id.to_string(),
+            input: input.clone(),
+            options: options.clone(),
+            attempt: 1,
+            run_id: None,
+            due_ms: 0,
+            cancel_requested: false,
+            polling: false,
+        }
+    }
+}
+
 struct OutSignal {
     workflow_id: String,
     name: String,
@@ -478,16 +523,7 @@ impl Actor for ExecutionActor {
                 } => {
                     pending.insert(
                         *seq,
-                        Pending {
-                            activity: activity.clone(),
-                            input: input.clone(),
-                            options: options.clone(),
-                            attempt: 1,
-                            due_ms: 0,
-                            deadline_ms: options.schedule_to_close_ms.map(|d| event.at_ms + d),
-                            cancel_requested: false,
-                            dispatched_ms: 0,
-                        },
+                        Pending::scheduled(activity, input, options, event.at_ms),
                     );
                 }
                 EventKind::TimerStarted { seq, fire_at_ms } => {
@@ -534,17 +570,7 @@ impl Actor for ExecutionActor {
                 } => {
                     children.insert(
                         *seq,
-                        Child {
-                            workflow_type: workflow_type.clone(),
-                            workflow_id: workflow_id.clone(),
-                            input: input.clone(),
-                            options: options.clone(),
-                            attempt: 1,
-                            run_id: None,
-                            due_ms: 0,
-                            cancel_requested: false,
-                            polling: false,
-                        },
+                        Child::scheduled(workflow_type, workflow_id, input, options),
                     );
                 }
                 EventKind::ChildWorkflowStarted {
@@ -1574,19 +1600,8 @@ impl ExecState {
                     input,
                     options,
                 } => {
-                    self.pending.insert(
-                        seq,
-                        Pending {
-                            activity: activity.clone(),
-                            input: input.clone(),
-                            options: options.clone(),
-                            attempt: 1,
-                            due_ms: 0,
-                            deadline_ms: options.schedule_to_close_ms.map(|d| at_ms + d),
-                            cancel_requested: false,
-                            dispatched_ms: 0,
-                        },
-                    );
+                    self.pending
+                        .insert(seq, Pending::scheduled(&activity, &input, &options, at_ms));
                     to_dispatch.push(seq);
                     kinds.push(EventKind::ActivityScheduled {
                         seq,
@@ -1617,17 +1632,7 @@ impl ExecState {
                 } => {
                     self.children.insert(
                         seq,
-                        Child {
-                            workflow_type: workflow_type.clone(),
-                            workflow_id: workflow_id.clone(),
-                            input: input.clone(),
-                            options: options.clone(),
-                            attempt: 1,
-                            run_id: None,
-                            due_ms: 0,
-                            cancel_requested: false,
-                            polling: false,
-                        },
+                        Child::scheduled(&workflow_type, &workflow_id, &input, &options),
                     );
                     to_start.push(seq);
                     kinds.push(EventKind::ChildWorkflowScheduled {

@@ -287,6 +287,10 @@ impl Execution {
             let mut shared = self.ctx.shared.lock().expect("workflow context lock");
             shared.now_ms = shared.now_ms.max(event.at_ms);
         }
+        // What the code scheduled, by seq, for the determinism check.
+        if let Some(Key::Seq(seq, name)) = event_key(&event.kind) {
+            self.recorded.insert(seq, name);
+        }
         match &event.kind {
             EventKind::WorkflowStarted { input, .. } => {
                 if self.future.is_some() {
@@ -297,17 +301,16 @@ impl Execution {
                 }
                 self.future = Some((self.run)(self.ctx.clone(), input.clone()));
             }
-            EventKind::ActivityScheduled {
-                seq,
-                activity,
-                options,
-                ..
-            } => {
-                self.recorded.insert(*seq, activity.clone());
+            EventKind::ActivityScheduled { seq, options, .. } => {
                 self.open
                     .insert(*seq, Open::Cancellable(options.cancellation));
             }
-            EventKind::ActivityCompleted { seq, result, .. } => {
+            EventKind::ChildWorkflowScheduled { seq, options, .. } => {
+                self.open
+                    .insert(*seq, Open::Cancellable(options.cancellation));
+            }
+            EventKind::ActivityCompleted { seq, result, .. }
+            | EventKind::ChildWorkflowCompleted { seq, result, .. } => {
                 self.resolve(*seq, Ok(result.clone()))
             }
             EventKind::ActivityFailed {
@@ -315,10 +318,17 @@ impl Execution {
                 failure,
                 retry_in_ms: None,
                 ..
+            }
+            | EventKind::ChildWorkflowFailed {
+                seq,
+                failure,
+                retry_in_ms: None,
+                ..
             } => self.resolve(*seq, Err(failure.clone())),
-            EventKind::ActivityFailed { .. } => {}
+            EventKind::ActivityFailed { .. }
+            | EventKind::ChildWorkflowFailed { .. }
+            | EventKind::ChildWorkflowStarted { .. } => {}
             EventKind::TimerStarted { seq, .. } => {
-                self.recorded.insert(*seq, TIMER.into());
                 self.open.insert(*seq, Open::Timer);
             }
             EventKind::TimerFired { seq } => self.resolve(*seq, Ok(Payload::default())),
@@ -364,30 +374,7 @@ impl Execution {
             EventKind::MarkerRecorded { patch } => {
                 self.recorded_markers.insert(patch.clone());
             }
-            EventKind::ChildWorkflowScheduled {
-                seq,
-                workflow_type,
-                options,
-                ..
-            } => {
-                self.recorded
-                    .insert(*seq, format!("@child:{workflow_type}"));
-                self.open
-                    .insert(*seq, Open::Cancellable(options.cancellation));
-            }
-            EventKind::ChildWorkflowStarted { .. } => {}
-            EventKind::ChildWorkflowCompleted { seq, result, .. } => {
-                self.resolve(*seq, Ok(result.clone()))
-            }
-            EventKind::ChildWorkflowFailed {
-                seq,
-                failure,
-                retry_in_ms: None,
-                ..
-            } => self.resolve(*seq, Err(failure.clone())),
-            EventKind::ChildWorkflowFailed { .. } => {}
             EventKind::ExternalSignalScheduled { seq, .. } => {
-                self.recorded.insert(*seq, SIGNAL.into());
                 self.open.insert(*seq, Open::Uncancellable);
             }
             EventKind::ExternalSignalResolved { seq, failure } => match failure {
