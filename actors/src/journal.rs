@@ -626,12 +626,11 @@ impl Writer {
             } else {
                 chain.get(run_id).copied()
             };
-            if fits_one_message(streams, events) {
-                acks.push((
-                    run_id,
-                    events,
-                    publish_mirror(streams, workflow_id, run_id, events, expected).await?,
-                ));
+            // The common case: one message per run, acks awaited together below.
+            if let Some(ack) =
+                publish_mirror(streams, workflow_id, run_id, events, expected).await?
+            {
+                acks.push((run_id, events, ack));
                 continue;
             }
             // Over the server's message limit (large payloads): several messages, chained.
@@ -665,15 +664,6 @@ impl Writer {
         }
         result
     }
-}
-
-/// Whether a run's events fit in one mirror message.
-fn fits_one_message(streams: &Streams, events: &[Event]) -> bool {
-    let size: usize = events
-        .iter()
-        .map(|e| codec::encode(e).map_or(usize::MAX / 2, |b| b.len()))
-        .sum();
-    size + MIRROR_ENVELOPE <= streams.js_max_payload()
 }
 
 /// Room left in a mirror message for its envelope (IDs, framing).
@@ -711,8 +701,16 @@ async fn publish_mirror_chain(
                 events[start].id
             )));
         }
-        last = publish_mirror(streams, workflow_id, run_id, &events[start..end], expected)
+        let ack = publish_mirror(streams, workflow_id, run_id, &events[start..end], expected)
             .await?
+            .ok_or_else(|| {
+                Error::Mirror(format!(
+                    "run {run_id}: events {}-{} do not fit one message",
+                    events[start].id,
+                    events[end - 1].id
+                ))
+            })?;
+        last = ack
             .await
             .map_err(|e| Error::Mirror(e.to_string()))?
             .sequence;
@@ -722,19 +720,24 @@ async fn publish_mirror_chain(
     Ok(last)
 }
 
+/// Publishes a run's events as one mirror message; `None` (nothing sent) when they do not
+/// fit the server's message limit.
 async fn publish_mirror(
     streams: &Streams,
     workflow_id: &str,
     run_id: &str,
     events: &[Event],
     expected_last_subject_seq: Option<u64>,
-) -> Result<PublishAckFuture, Error> {
+) -> Result<Option<PublishAckFuture>, Error> {
     let batch = MirrorBatch {
         workflow_id: workflow_id.into(),
         run_id: run_id.into(),
         events: events.to_vec(),
     };
     let bytes = codec::encode(&batch).map_err(|e| Error::Mirror(e.to_string()))?;
+    if bytes.len() + MIRROR_ENVELOPE > streams.js_max_payload() {
+        return Ok(None);
+    }
     let mut headers = HeaderMap::new();
     let (first, last) = (events[0].id, events[events.len() - 1].id);
     headers.insert(
@@ -751,6 +754,7 @@ async fn publish_mirror(
         .js
         .publish_with_headers(subject::history(run_id), headers, bytes.into())
         .await
+        .map(Some)
         .map_err(|e| Error::Mirror(e.to_string()))
 }
 
