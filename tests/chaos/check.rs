@@ -560,7 +560,10 @@ pub fn reexecuted(rb: &Readback) -> usize {
 }
 
 /// Scenario 12: a paused worker's report for an attempt it held when paused, recorded
-/// after the pause began, is a late result that should have been dropped. Returns
+/// after the resume (a frozen process sends nothing, so what is recorded during the pause
+/// was on the wire before it) for an attempt that had timed out by then (its activity
+/// heartbeats with a timeout shorter than the pause, or the attempt already has an
+/// outcome), is a late result that should have been dropped. Returns
 /// (held attempts, late results recorded, held attempts completed by another worker or
 /// attempt).
 pub fn late_results(
@@ -579,17 +582,25 @@ pub fn late_results(
             let Some(Ok(h)) = rb.histories.get(&a.workflow_id) else {
                 continue;
             };
+            let pause = f.healed_ms.saturating_sub(f.at_ms);
+            let mut timed_out = false;
             for x in events_of(h) {
+                if x["seq"].as_u64() != Some(u64::from(a.seq)) {
+                    continue;
+                }
+                if x["type"] == "activity_scheduled" {
+                    timed_out = x["heartbeat_timeout_ms"]
+                        .as_u64()
+                        .is_some_and(|hb| hb < pause);
+                }
                 let outcome = x["type"] == "activity_completed" || x["type"] == "activity_failed";
-                if !outcome || x["seq"].as_u64() != Some(u64::from(a.seq)) {
+                if !outcome {
                     continue;
                 }
                 let worker = x["worker"].as_str().unwrap_or("");
                 let at = x["at_ms"].as_u64().unwrap_or(0);
-                if x["attempt"].as_u64() == Some(u64::from(a.attempt))
-                    && is_paused(worker)
-                    && at >= f.at_ms
-                {
+                let this_attempt = x["attempt"].as_u64() == Some(u64::from(a.attempt));
+                if this_attempt && is_paused(worker) && at >= f.healed_ms && timed_out {
                     late += 1;
                     v.push(Violation {
                         invariant: "S12 late result dropped",
@@ -601,6 +612,10 @@ pub fn late_results(
                     });
                 } else if x["type"] == "activity_completed" && !is_paused(worker) {
                     elsewhere += 1;
+                }
+                if this_attempt {
+                    // Any later report for this attempt is late: it already has an outcome.
+                    timed_out = true;
                 }
             }
         }

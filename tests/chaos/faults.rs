@@ -223,6 +223,8 @@ pub async fn worker_pauses(c: &mut Cluster, count: usize, rng: &mut Rng) -> Resu
         // Frozen now: what it logged as started and not finished, it holds.
         let held = cluster::in_flight(&worker.current_log());
         tokio::time::sleep(jitter(rng, 6_000, 9_000)).await;
+        // Taken before the resume: whatever the worker sends after it is recorded later.
+        let healed_ms = now_ms();
         cluster::signal(pid, "CONT")?;
         record(
             &mut out,
@@ -230,7 +232,7 @@ pub async fn worker_pauses(c: &mut Cluster, count: usize, rng: &mut Rng) -> Resu
                 kind: "worker SIGSTOP".into(),
                 target: worker.name(w),
                 at_ms,
-                healed_ms: now_ms(),
+                healed_ms,
                 affected: Affected::Attempts(held),
                 worker: Some((worker.queue.to_string(), pid)),
             },
