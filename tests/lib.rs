@@ -644,15 +644,54 @@ impl Client {
         .await
     }
 
-    /// `baton.api.history` for one workflow: the raw JSON reply (`{workflow_id, run_id,
-    /// events}` or an error reply).
+    /// `baton.api.history` for one workflow, every page of it: `{workflow_id, run_id,
+    /// events, pages}`, or the first error reply.
     pub async fn history(&self, workflow_id: &str) -> Result<serde_json::Value> {
-        self.request_json(
-            subject::API_HISTORY,
-            &json!({"workflow_id": workflow_id}),
-            REQUEST_TIMEOUT,
-        )
-        .await
+        self.history_in_pages(workflow_id, None).await
+    }
+
+    /// Like [`Self::history`], asking for pages of at most `max_bytes` of events.
+    pub async fn history_in_pages(
+        &self,
+        workflow_id: &str,
+        max_bytes: Option<u64>,
+    ) -> Result<serde_json::Value> {
+        let mut request = json!({"workflow_id": workflow_id});
+        if let Some(b) = max_bytes {
+            request["max_bytes"] = json!(b);
+        }
+        let mut whole: Option<serde_json::Value> = None;
+        for pages in 1.. {
+            let page = self
+                .request_json(subject::API_HISTORY, &request, REQUEST_TIMEOUT)
+                .await?;
+            if page.get("error").is_some() {
+                return Ok(page);
+            }
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            let next = page.get("next_event").cloned();
+            match &mut whole {
+                None => whole = Some(page),
+                Some(w) => w["events"]
+                    .as_array_mut()
+                    .ok_or_else(|| anyhow!("a history page without events"))?
+                    .extend(events),
+            }
+            let w = whole.as_mut().expect("set above");
+            w["pages"] = json!(pages);
+            match next {
+                Some(n) if !n.is_null() => {
+                    request["run_id"] = w["run_id"].clone();
+                    request["from_event"] = n;
+                }
+                _ => break,
+            }
+        }
+        let mut w = whole.expect("at least one page");
+        if let Some(o) = w.as_object_mut() {
+            o.remove("next_event");
+        }
+        Ok(w)
     }
 
     /// The `type`s of the workflow's history events, in order.

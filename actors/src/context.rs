@@ -190,6 +190,70 @@ impl WorkflowContext {
         }
     }
 
+    /// Runs `main`, the workflow's main code, while a handler runs for every signal named
+    /// `name` that arrives until `main` returns: `handler(input)` is started as the signal
+    /// is handed to the code and runs concurrently with `main` and with the other
+    /// handlers, so it can call activities, sleep or start children. Once `main` returns,
+    /// no further signal is taken and the handlers still running are waited for, then
+    /// `main`'s result is returned. The first error, from `main` or a handler, is returned
+    /// at once (the unfinished handlers are dropped, their activities abandoned).
+    ///
+    /// Everything is polled in one fixed order (new signals, handlers in arrival order,
+    /// `main`), so a replay issues the same commands in the same order.
+    pub async fn with_signal_handler<T, H, HF, O>(
+        &self,
+        name: &str,
+        mut handler: H,
+        main: impl Future<Output = Result<O, WorkflowError>>,
+    ) -> Result<O, WorkflowError>
+    where
+        T: DeserializeOwned,
+        H: FnMut(T) -> HF,
+        HF: Future<Output = Result<(), WorkflowError>>,
+    {
+        let mut main = std::pin::pin!(main);
+        let mut next = self.signal::<T>(name);
+        let mut running: Vec<Pin<Box<HF>>> = Vec::new();
+        let mut returned: Option<O> = None;
+        std::future::poll_fn(move |cx| {
+            if returned.is_none() {
+                while let Poll::Ready(input) = Pin::new(&mut next).poll(cx) {
+                    match input {
+                        Ok(input) => running.push(Box::pin(handler(input))),
+                        Err(e) => return Poll::Ready(Err(e.into())),
+                    }
+                    next = self.signal::<T>(name);
+                }
+            }
+            let mut i = 0;
+            while i < running.len() {
+                match running[i].as_mut().poll(cx) {
+                    Poll::Ready(Ok(())) => {
+                        running.remove(i);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => i += 1,
+                }
+            }
+            if returned.is_none()
+                && let Poll::Ready(r) = main.as_mut().poll(cx)
+            {
+                match r {
+                    Ok(out) => returned = Some(out),
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            match returned.take() {
+                Some(out) if running.is_empty() => Poll::Ready(Ok(out)),
+                r => {
+                    returned = r;
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
     /// Answers queries named `name` with `handler`, which reads the workflow's state (shared
     /// with the code, e.g. through an `Arc<Mutex<_>>`) and must not change it.
     pub fn on_query<T: Serialize>(

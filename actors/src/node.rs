@@ -21,9 +21,10 @@ use baton_transport::{
     jetstream::Streams,
     subject,
     wire::{
-        ActivityReport, CloseRequest, ErrorCode, ErrorReply, HistoryReply, IdConflictPolicy,
-        ListReply, ListRequest, QueryReply, QueryRequest, ResultReply, ResultRequest, SignalReply,
-        SignalRequest, StartReply, StartRequest, StartStatus, WorkflowInfo, WorkflowRef,
+        ActivityReport, CloseRequest, ErrorCode, ErrorReply, HistoryReply, HistoryRequest,
+        IdConflictPolicy, ListReply, ListRequest, QueryReply, QueryRequest, ResultReply,
+        ResultRequest, SignalReply, SignalRequest, StartReply, StartRequest, StartStatus,
+        WorkflowInfo, WorkflowRef,
     },
 };
 use futures::StreamExt;
@@ -617,17 +618,8 @@ fn handle_api(
                 }),
                 Err(r) => r,
             },
-            subject::API_HISTORY => match decode_edge::<WorkflowRef>(&message) {
-                Ok((req, f)) => with_run(&rt, &req.workflow_id, f, |run, history| {
-                    Reply::ok(
-                        f,
-                        &HistoryReply {
-                            workflow_id: run.workflow_id.clone(),
-                            run_id: run.run_id.clone(),
-                            events: history.iter().map(Event::to_json).collect(),
-                        },
-                    )
-                }),
+            subject::API_HISTORY => match decode_edge::<HistoryRequest>(&message) {
+                Ok((req, f)) => history_page(&rt, req, f),
                 Err(r) => r,
             },
             subject::API_SIGNAL => match decode_edge::<SignalRequest>(&message) {
@@ -800,6 +792,62 @@ async fn query(rt: &Runtime, req: QueryRequest, f: Format) -> Reply {
         ),
         Err(e) => Reply::err(f, ErrorCode::UnknownQuery, e),
     }
+}
+
+/// Room left in a history page's message for the reply's envelope and headers.
+const HISTORY_PAGE_ENVELOPE: usize = 64 * 1024;
+
+/// One page of a run's history: the events from `req.from_event` on, as many as fit in
+/// `req.max_bytes` and in one message (at least one).
+fn history_page(rt: &Runtime, req: HistoryRequest, f: Format) -> Reply {
+    let run = match &req.run_id {
+        None => match current_run(rt, &req.workflow_id, f) {
+            Ok(run) => run,
+            Err(reply) => return reply,
+        },
+        Some(run_id) => match rt.journal.run(run_id) {
+            Ok(Some(run)) if run.workflow_id == req.workflow_id => run,
+            Ok(_) => {
+                return Reply::err(
+                    f,
+                    ErrorCode::NotFound,
+                    format!("workflow {} has no run {run_id}", req.workflow_id),
+                );
+            }
+            Err(e) => return Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+        },
+    };
+    let history = match rt.journal.history(&run.run_id) {
+        Ok(h) => h,
+        Err(e) => return Reply::err(f, ErrorCode::Unavailable, e.to_string()),
+    };
+    let limit = rt
+        .streams
+        .js_max_payload()
+        .saturating_sub(HISTORY_PAGE_ENVELOPE)
+        .min(req.max_bytes.map_or(usize::MAX, |b| b as usize));
+    let from = req.from_event.unwrap_or(1).max(1);
+    let (mut events, mut size, mut next_event) = (Vec::new(), 0usize, None);
+    for e in history.iter().filter(|e| u64::from(e.id) >= from) {
+        let json = e.to_json();
+        // The JSON text's length: the MessagePack form of the same value is no longer.
+        let len = json.to_string().len();
+        if !events.is_empty() && size + len > limit {
+            next_event = Some(u64::from(e.id));
+            break;
+        }
+        size += len;
+        events.push(json);
+    }
+    Reply::ok(
+        f,
+        &HistoryReply {
+            workflow_id: run.workflow_id.clone(),
+            run_id: run.run_id.clone(),
+            events,
+            next_event,
+        },
+    )
 }
 
 fn with_run(

@@ -127,7 +127,41 @@ impl EdgeClient {
         }
     }
 
-    /// Any other API call (`describe`, `history`, `list`).
+    /// A workflow's whole history (`{workflow_id, run_id, events}`), read page by page so
+    /// that a history larger than one message (large payloads) can be read.
+    pub async fn history(
+        &self,
+        workflow_id: &str,
+    ) -> anyhow::Result<Result<serde_json::Value, ApiError>> {
+        let mut request = serde_json::json!({"workflow_id": workflow_id});
+        let mut whole: Option<serde_json::Value> = None;
+        loop {
+            let mut page = match self.api("history", request.clone()).await? {
+                Ok(page) => page,
+                Err(e) => return Ok(Err(e)),
+            };
+            let next = page
+                .as_object_mut()
+                .and_then(|o| o.remove("next_event"))
+                .filter(|n| !n.is_null());
+            match &mut whole {
+                None => whole = Some(page),
+                Some(w) => {
+                    let more = page["events"].as_array().cloned().unwrap_or_default();
+                    if let Some(events) = w["events"].as_array_mut() {
+                        events.extend(more);
+                    }
+                }
+            }
+            let Some(next) = next else {
+                return Ok(Ok(whole.expect("set above")));
+            };
+            request["run_id"] = whole.as_ref().expect("set above")["run_id"].clone();
+            request["from_event"] = next;
+        }
+    }
+
+    /// Any other API call (`describe`, `list`, a single `history` page).
     pub async fn api(
         &self,
         verb: &str,

@@ -360,7 +360,7 @@ async fn pipeline(url: &str) -> anyhow::Result<()> {
 
     println!("\n== the journal of {first_id} (baton history {first_id})");
     let h = c
-        .api("history", serde_json::json!({ "workflow_id": first_id }))
+        .history(&first_id)
         .await?
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     for e in h["events"].as_array().into_iter().flatten() {

@@ -621,10 +621,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::History { nats, id, json } => {
             let c = EdgeClient::connect(&nats.nats_url).await?;
-            let h = c
-                .api("history", serde_json::json!({"workflow_id": id}))
-                .await?
-                .map_err(api_error)?;
+            let h = c.history(&id).await?.map_err(api_error)?;
             if json {
                 print_json(&h)?;
             } else {

@@ -38,7 +38,7 @@ fn chaos_short_all_scenarios() {
         "2",
         "--concurrency",
         "6",
-        // The 5 MiB echoed case is a known bug (below).
+        // The 5 MiB echoed case runs on its own (below): it needs a longer drain.
         "--oversize",
         "2,3e,9",
     ]);
@@ -53,13 +53,11 @@ fn chaos_paused_worker_late_report_dropped() {
     chaos(&["--scenarios", "12", "--workflows", "20", "--faults", "6"]);
 }
 
-/// A 5 MiB activity result handed to the next activity. The journal now splits a mirror
+/// A 5 MiB activity result handed to the next activity. The journal splits a mirror
 /// append over the server's 8 MiB `max_payload` into chained messages, so these runs close
-/// with the right result; but their history (two 5 MiB payloads as JSON) is over the limit
-/// as one `baton.api.history` reply, which is answered `payload_too_large`, so the driver
-/// cannot check them. Un-ignore once histories can be read in pages.
+/// with the right result, and their history (two 5 MiB payloads as JSON, over one message)
+/// is read back in pages (`next_event`), so the driver checks every invariant on them.
 #[test]
-#[ignore = "known limit: a history over the server's max_payload cannot be read in one reply"]
 fn chaos_oversize_result_journaled_twice() {
     chaos(&[
         "--scenarios",

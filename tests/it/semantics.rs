@@ -30,6 +30,8 @@ use crate::{
 const QUEUE: &str = "sem-cpu";
 const LONG: ActivityDef<u64, String> = ActivityDef::new("sem_long");
 const ECHO: ActivityDef<String, String> = ActivityDef::new("sem_echo");
+/// Upper-cases its input after 100 ms.
+const SHOUT: ActivityDef<String, String> = ActivityDef::new("sem_shout");
 const ALWAYS_FAILS: ActivityDef<String, String> = ActivityDef::new("sem_always_fails");
 const HANGS_ONCE: ActivityDef<u32, u32> = ActivityDef::new("sem_hangs_once");
 const FLAKY_CHILD_STEP: ActivityDef<String, String> = ActivityDef::new("sem_flaky_child_step");
@@ -116,6 +118,28 @@ async fn collector(ctx: WorkflowContext, _: ()) -> Result<Vec<String>, WorkflowE
         items.lock().unwrap().push(item);
     }
     let out = items.lock().unwrap().clone();
+    Ok(out)
+}
+
+/// Handles every `item` signal with an activity, concurrently with its main code, which
+/// waits for `done`; returns the handlers' results once every handler has finished.
+async fn handler_activities(ctx: WorkflowContext, _: ()) -> Result<Vec<String>, WorkflowError> {
+    let handled = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+    let (c, h) = (ctx.clone(), handled.clone());
+    ctx.with_signal_handler(
+        "item",
+        move |item: String| {
+            let (c, h) = (c.clone(), h.clone());
+            async move {
+                let out = c.activity(&SHOUT, &item).await?;
+                h.lock().unwrap().push(out);
+                Ok(())
+            }
+        },
+        async { ctx.signal::<()>("done").await.map_err(WorkflowError::from) },
+    )
+    .await?;
+    let out = handled.lock().unwrap().clone();
     Ok(out)
 }
 
@@ -283,6 +307,8 @@ fn registry() -> Registry {
     r.workflow("sem_timers", timers).unwrap();
     r.workflow("sem_collector", collector).unwrap();
     r.workflow("sem_signaller", signaller).unwrap();
+    r.workflow("sem_handler_activities", handler_activities)
+        .unwrap();
     r.workflow("sem_rolling", rolling).unwrap();
     r.workflow("sem_double", double).unwrap();
     r.workflow("sem_flaky_child", flaky_child).unwrap();
@@ -314,6 +340,11 @@ fn registry() -> Registry {
     .unwrap();
     r.activity(&ECHO, options.clone(), |_, s: String| async move { Ok(s) })
         .unwrap();
+    r.activity(&SHOUT, options.clone(), |_, s: String| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(s.to_uppercase())
+    })
+    .unwrap();
     r.activity(
         &ALWAYS_FAILS,
         ActivityOptions::new(QUEUE, Duration::from_secs(10), quick_retry(5)),
@@ -625,6 +656,35 @@ async fn timers_fire_and_cancel_and_signals_with_start() -> anyhow::Result<()> {
             .await?;
         assert_eq!(r["workflow_id"], "coll-1", "{r}");
     }
+    // signal: activities from a handler. `done` arrives while the handlers' activities
+    // run; the workflow still waits for all three.
+    env.start_wf("sem_handler_activities", "handlers-1", json!(null))
+        .await?;
+    for (name, input) in [
+        ("item", json!("a")),
+        ("item", json!("b")),
+        ("item", json!("c")),
+    ]
+    .into_iter()
+    .chain([("done", json!(null))])
+    {
+        let r = env
+            .api(
+                "baton.api.signal",
+                json!({"workflow_id": "handlers-1", "name": name, "input": input}),
+            )
+            .await?;
+        assert_eq!(r["workflow_id"], "handlers-1", "{r}");
+    }
+    let mut shouted: Vec<String> = serde_json::from_value(env.outcome("handlers-1").await?)?;
+    shouted.sort();
+    assert_eq!(shouted, ["A", "B", "C"]);
+    let evs = env.assert_replays("handlers-1").await?;
+    assert_eq!(of_type(&evs, "activity_completed").len(), 3);
+    assert!(
+        position(&evs, "signal_received") < position(&evs, "activity_scheduled"),
+        "a handler's activity is scheduled after its signal"
+    );
     // signal: external, from a workflow; an unknown target is an error to the workflow.
     env.start_wf("sem_signaller", "signaller-1", json!("coll-1"))
         .await?;

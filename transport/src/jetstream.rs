@@ -194,8 +194,21 @@ impl Streams {
             .map_err(Error::nats)
     }
 
-    /// The orchestrator's durable pull consumer of reports.
+    /// The orchestrator's durable pull consumer of reports, created afresh: the consumer a
+    /// killed orchestrator held is deleted first, so the reports it had been delivered and
+    /// never acked are delivered again at once instead of after [`REPORT_ACK_WAIT`]. The
+    /// stream has work-queue retention, so what was acked is gone and everything else is
+    /// delivered to the new consumer. Only the cluster's one orchestrator calls this, at
+    /// start-up.
     pub async fn report_consumer(&self) -> Result<jetstream::consumer::PullConsumer, Error> {
+        if let Err(e) = self
+            .reports
+            .delete_consumer(subject::REPORTS_CONSUMER)
+            .await
+        {
+            // Not found on a fresh cluster; anything else, `get_or_create` below reports.
+            tracing::debug!(error = %e, "no previous report consumer deleted");
+        }
         self.reports
             .get_or_create_consumer(
                 subject::REPORTS_CONSUMER,

@@ -281,7 +281,28 @@ pub struct QueryReply {
     pub result: serde_json::Value,
 }
 
-/// The reply to a history request: the journal, one JSON object per event.
+/// `baton.api.history`: one page of a run's journal. A history larger than one message
+/// (large payloads) is read in pages: ask again with `run_id` and `from_event` set from
+/// the reply's `run_id` and `next_event` until `next_event` is absent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRequest {
+    /// The workflow ID.
+    pub workflow_id: String,
+    /// The run to read; absent: the workflow ID's current run. Set it when paging, so that
+    /// a continue-as-new between two pages cannot mix two runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// The first event ID to return (event IDs start at 1); absent: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_event: Option<u64>,
+    /// At most this many bytes of events (JSON) in the reply; the server also keeps each
+    /// page under its message limit. A page always holds at least one event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+}
+
+/// The reply to a history request: one page of the journal, one JSON object per event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryReply {
     /// The workflow ID.
@@ -290,6 +311,10 @@ pub struct HistoryReply {
     pub run_id: String,
     /// The events in order.
     pub events: Vec<serde_json::Value>,
+    /// The event ID the next page starts at; absent when this page ends the history (as
+    /// far as it is written: a running run's history grows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_event: Option<u64>,
 }
 
 /// `baton.api.list`.
