@@ -685,6 +685,28 @@ async fn timers_fire_and_cancel_and_signals_with_start() -> anyhow::Result<()> {
         position(&evs, "signal_received") < position(&evs, "activity_scheduled"),
         "a handler's activity is scheduled after its signal"
     );
+    // History in pages: the same events, whatever the page size; a run of another
+    // workflow is not found.
+    let whole = env.client.history("handlers-1").await?;
+    let paged = env.client.history_in_pages("handlers-1", Some(300)).await?;
+    assert!(paged["pages"].as_u64() > Some(4), "{}", paged["pages"]);
+    assert_eq!(paged["events"], whole["events"]);
+    assert_eq!(whole["pages"], 1);
+    let past_end = env
+        .api(
+            "baton.api.history",
+            json!({"workflow_id": "handlers-1", "from_event": 1000}),
+        )
+        .await?;
+    assert_eq!(past_end["events"], json!([]), "{past_end}");
+    assert!(past_end.get("next_event").is_none(), "{past_end}");
+    let wrong_run = env
+        .api(
+            "baton.api.history",
+            json!({"workflow_id": "coll-1", "run_id": whole["run_id"]}),
+        )
+        .await?;
+    assert_eq!(wrong_run["error"]["code"], "not_found", "{wrong_run}");
     // signal: external, from a workflow; an unknown target is an error to the workflow.
     env.start_wf("sem_signaller", "signaller-1", json!("coll-1"))
         .await?;
