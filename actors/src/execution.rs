@@ -55,6 +55,8 @@ pub(crate) struct Runtime {
     pub(crate) evict_idle: Option<Duration>,
     /// Executions brought back into memory after an eviction, since the node started.
     pub(crate) rehydrations: std::sync::atomic::AtomicU64,
+    /// Most executions in memory; beyond it the longest-resident idle ones are evicted.
+    pub(crate) max_cached: usize,
 }
 
 impl Runtime {
@@ -251,6 +253,9 @@ pub(crate) enum ExecMsg {
     AttemptCheck { seq: u32, attempt: u32 },
     /// Evict the execution if nothing happened since the step numbered `epoch`.
     EvictCheck { epoch: u64 },
+    /// Evict the execution now if it only waits: the node holds more executions than it
+    /// may keep in memory.
+    EvictNow,
 }
 
 /// How long an attempt may go unheard by the orchestrator before it fails it: the heartbeat
@@ -375,6 +380,38 @@ pub(crate) struct ExecState {
     blocked: Option<String>,
     /// Steps handled, for idle eviction.
     epoch: u64,
+    /// The messages this execution armed for later (`send_after` tasks). Each holds a
+    /// reference to the actor, so they are aborted when it stops: an evicted execution's
+    /// memory is freed at once, not when its last timer would have fired.
+    armed: Vec<Armed>,
+    /// What `post_start` still has to do (taken there).
+    startup: Option<Startup>,
+}
+
+/// A message armed with `send_after`.
+type Armed = tokio::task::JoinHandle<Result<(), ractor::MessagingErr<ExecMsg>>>;
+
+/// Sends `msg()` to `myself` after `after`, keeping the handle in `armed` (finished ones
+/// are dropped as it grows).
+fn arm(
+    armed: &mut Vec<Armed>,
+    myself: &ActorRef<ExecMsg>,
+    after: Duration,
+    msg: impl FnOnce() -> ExecMsg + Send + 'static,
+) {
+    if armed.len() >= 32 {
+        armed.retain(|h| !h.is_finished());
+    }
+    armed.push(myself.send_after(after, msg));
+}
+
+/// The start of an execution that `post_start` completes: the commands the code issued
+/// beyond the journal, how the run came to be started, what a recorded cancellation must
+/// still do.
+struct Startup {
+    ahead: Vec<Command>,
+    mode: StartMode,
+    cancel_fx: CancelEffects,
 }
 
 /// What a cancellation request must still do outside the journal.
@@ -480,7 +517,6 @@ impl Actor for ExecutionActor {
             history,
             mode,
         } = args;
-        let recovering = mode == StartMode::Recovering;
         let def = rt
             .registry
             .workflow_def(&run.workflow_type)
@@ -627,30 +663,32 @@ impl Actor for ExecutionActor {
         let next_event_id = history.last().map_or(1, |e| e.id + 1);
         // Durable timers and deadlines of the journal resume where they were.
         let now = now_ms();
+        let mut armed = Vec::new();
         for (&seq, &fire_at) in &timers {
-            myself.send_after(
+            armed.push(myself.send_after(
                 Duration::from_millis(fire_at.saturating_sub(now)),
                 move || ExecMsg::TimerDue { seq },
-            );
+            ));
         }
         for (&seq, p) in &pending {
             if let Some(deadline) = p.deadline_ms {
-                myself.send_after(
+                armed.push(myself.send_after(
                     Duration::from_millis(deadline.saturating_sub(now)),
                     move || ExecMsg::Deadline { seq },
-                );
+                ));
             }
         }
         if let Some(deadline) = run.deadline_ms {
-            myself.send_after(Duration::from_millis(deadline.saturating_sub(now)), || {
-                ExecMsg::Terminate {
+            armed.push(myself.send_after(
+                Duration::from_millis(deadline.saturating_sub(now)),
+                || ExecMsg::Terminate {
                     kind: "TimedOut".into(),
                     reason: "the workflow ran past its execution timeout".into(),
                     reply: None,
-                }
-            });
+                },
+            ));
         }
-        let mut state = ExecState {
+        let state = ExecState {
             rt,
             run,
             exec,
@@ -663,7 +701,34 @@ impl Actor for ExecutionActor {
             cancel_requested,
             blocked,
             epoch: 0,
+            armed,
+            startup: Some(Startup {
+                ahead,
+                mode,
+                cancel_fx,
+            }),
         };
+        Ok(state)
+    }
+
+    /// The start's first journal append and the effects it arms run here, in the actor's
+    /// own task, not in `pre_start`: the supervisor awaits `pre_start` (the replay) and
+    /// nothing more, so it spawns many executions at once and their first appends share
+    /// group commits instead of queueing behind one another.
+    async fn post_start(
+        &self,
+        myself: ActorRef<ExecMsg>,
+        state: &mut ExecState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(Startup {
+            ahead,
+            mode,
+            cancel_fx,
+        }) = state.startup.take()
+        else {
+            return Ok(());
+        };
+        let recovering = mode == StartMode::Recovering;
         if state.blocked.is_none() {
             state.record(now_ms(), Vec::new(), ahead, &myself).await?;
         }
@@ -677,9 +742,12 @@ impl Actor for ExecutionActor {
         for (seq, p) in &state.pending {
             if p.due_ms > now {
                 let (seq, attempt) = (*seq, p.attempt);
-                myself.send_after(Duration::from_millis(p.due_ms - now), move || {
-                    ExecMsg::RetryDue { seq, attempt }
-                });
+                arm(
+                    &mut state.armed,
+                    &myself,
+                    Duration::from_millis(p.due_ms - now),
+                    move || ExecMsg::RetryDue { seq, attempt },
+                );
             } else if mode == StartMode::New && p.due_ms > 0 {
                 myself.send_message(ExecMsg::RetryDue {
                     seq: *seq,
@@ -692,9 +760,12 @@ impl Actor for ExecutionActor {
         if recovering {
             for (&seq, c) in &state.children {
                 if c.due_ms > now {
-                    myself.send_after(Duration::from_millis(c.due_ms - now), move || {
-                        ExecMsg::ChildStart { seq }
-                    });
+                    arm(
+                        &mut state.armed,
+                        &myself,
+                        Duration::from_millis(c.due_ms - now),
+                        move || ExecMsg::ChildStart { seq },
+                    );
                 } else {
                     myself.send_message(ExecMsg::ChildStart { seq })?;
                 }
@@ -718,23 +789,45 @@ impl Actor for ExecutionActor {
                 }
             }
             for (seq, attempt, first) in checks {
-                myself.send_after(first, move || ExecMsg::AttemptCheck { seq, attempt });
+                arm(&mut state.armed, &myself, first, move || {
+                    ExecMsg::AttemptCheck { seq, attempt }
+                });
             }
+            let mut polls = Vec::new();
             for (&seq, c) in state.children.iter_mut() {
                 c.polling = true;
-                myself.send_after(CHILD_POLL, move || ExecMsg::ChildPoll { seq });
+                polls.push(seq);
+            }
+            for seq in polls {
+                arm(&mut state.armed, &myself, CHILD_POLL, move || {
+                    ExecMsg::ChildPoll { seq }
+                });
             }
             // The message that brought the run back comes next: it is taken before the run
             // may leave again (else a zero cache could evict it before it arrives, forever).
             if let Some(idle) = state.rt.evict_idle {
-                myself.send_after(idle.max(Duration::from_secs(1)), || ExecMsg::EvictCheck {
-                    epoch: 0,
-                });
+                arm(
+                    &mut state.armed,
+                    &myself,
+                    idle.max(Duration::from_secs(1)),
+                    || ExecMsg::EvictCheck { epoch: 0 },
+                );
             }
         } else {
             state.after_step(&myself);
         }
-        Ok(state)
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<ExecMsg>,
+        state: &mut ExecState,
+    ) -> Result<(), ActorProcessingErr> {
+        for armed in state.armed.drain(..) {
+            armed.abort();
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -910,6 +1003,10 @@ impl Actor for ExecutionActor {
                 }
                 return Ok(());
             }
+            ExecMsg::EvictNow => {
+                state.evict_if_idle(&myself);
+                return Ok(());
+            }
             ExecMsg::ExternalSignalDone { seq, failure } => {
                 if state.signals_out.remove(&seq).is_some() {
                     state
@@ -939,6 +1036,16 @@ async fn mark_cancelled(rt: &Runtime, run_id: &str, seqs: &[u32]) {
 const CHILD_POLL: Duration = Duration::from_secs(5);
 
 impl ExecState {
+    /// Sends `msg()` to this execution after `after`, unless it stops first.
+    fn arm(
+        &mut self,
+        myself: &ActorRef<ExecMsg>,
+        after: Duration,
+        msg: impl FnOnce() -> ExecMsg + Send + 'static,
+    ) {
+        arm(&mut self.armed, myself, after, msg);
+    }
+
     /// After each message: arm the idle-eviction check (or, with zero cache, evict now).
     fn after_step(&mut self, myself: &ActorRef<ExecMsg>) {
         let Some(idle) = self.rt.evict_idle else {
@@ -954,7 +1061,7 @@ impl ExecState {
             // mailbox is drained. A message that finds it gone is retried by its sender.
             let _ = myself.send_message(ExecMsg::EvictCheck { epoch });
         } else {
-            myself.send_after(idle, move || ExecMsg::EvictCheck { epoch });
+            self.arm(myself, idle, move || ExecMsg::EvictCheck { epoch });
         }
     }
 
@@ -1059,7 +1166,10 @@ impl ExecState {
                             retry_in_ms: Some(delay.as_millis() as u64),
                         };
                         self.record(now, vec![event], Vec::new(), myself).await?;
-                        myself.send_after(delay, move || ExecMsg::RetryDue { seq, attempt: next });
+                        self.arm(myself, delay, move || ExecMsg::RetryDue {
+                            seq,
+                            attempt: next,
+                        });
                         return Ok(());
                     }
                     None => {
@@ -1106,9 +1216,8 @@ impl ExecState {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(run_id = %self.run.run_id, seq, error = %e, "liveness not readable; looking again");
-                myself.send_after(Duration::from_secs(1), move || ExecMsg::AttemptCheck {
-                    seq,
-                    attempt,
+                self.arm(myself, Duration::from_secs(1), move || {
+                    ExecMsg::AttemptCheck { seq, attempt }
                 });
                 return Ok(());
             }
@@ -1145,7 +1254,7 @@ impl ExecState {
             _ => (None, None),
         };
         if let Some(wait) = next {
-            myself.send_after(Duration::from_millis(wait.max(1)), move || {
+            self.arm(myself, Duration::from_millis(wait.max(1)), move || {
                 ExecMsg::AttemptCheck { seq, attempt }
             });
         }
@@ -1408,7 +1517,7 @@ impl ExecState {
                     && !c.polling
                 {
                     c.polling = true;
-                    myself.send_after(CHILD_POLL, move || ExecMsg::ChildPoll { seq });
+                    self.arm(myself, CHILD_POLL, move || ExecMsg::ChildPoll { seq });
                 }
                 Ok(())
             }
@@ -1490,7 +1599,7 @@ impl ExecState {
                             myself,
                         )
                         .await?;
-                        myself.send_after(delay, move || ExecMsg::ChildStart { seq });
+                        self.arm(myself, delay, move || ExecMsg::ChildStart { seq });
                         Ok(())
                     }
                     None => {
@@ -1742,7 +1851,7 @@ impl ExecState {
             }
         }
         for (seq, duration_ms) in timers {
-            myself.send_after(Duration::from_millis(duration_ms), move || {
+            self.arm(myself, Duration::from_millis(duration_ms), move || {
                 ExecMsg::TimerDue { seq }
             });
         }
@@ -1752,7 +1861,9 @@ impl ExecState {
                 .get(&seq)
                 .and_then(|p| p.options.schedule_to_close_ms)
             {
-                myself.send_after(Duration::from_millis(d), move || ExecMsg::Deadline { seq });
+                self.arm(myself, Duration::from_millis(d), move || {
+                    ExecMsg::Deadline { seq }
+                });
             }
         }
         self.dispatch(&to_dispatch, false, myself).await?;
@@ -1811,7 +1922,10 @@ impl ExecState {
             p.dispatched_ms = now;
             if let Some(first) = first_check(&p.options) {
                 let (seq, attempt) = (*seq, p.attempt);
-                myself.send_after(first, move || ExecMsg::AttemptCheck { seq, attempt });
+                self.arm(myself, first, move || ExecMsg::AttemptCheck {
+                    seq,
+                    attempt,
+                });
             }
             let p = &self.pending[seq];
             let task_subject =
@@ -1876,6 +1990,35 @@ pub(crate) struct SupervisorState {
     rt: Arc<Runtime>,
     by_actor: HashMap<ActorId, String>,
     restarts: HashMap<String, u32>,
+    /// Run IDs in the order their executions came into memory (some since gone): the
+    /// candidates for eviction when the cache is over its size.
+    resident: std::collections::VecDeque<String>,
+}
+
+/// Executions asked to leave per spawn while the cache is over its size (each busy one
+/// goes back to the end of the line).
+const EVICTIONS_PER_SPAWN: usize = 4;
+
+/// Keeps the executions in memory at most `max_cached`: asks the longest-resident ones to
+/// leave if they only wait (a busy one stays and goes to the back of the line).
+fn enforce_cache_size(state: &mut SupervisorState) {
+    let executions = state.rt.executions.lock().expect("executions lock");
+    let over = executions.len().saturating_sub(state.rt.max_cached);
+    let mut asked = 0;
+    while asked < over.min(EVICTIONS_PER_SPAWN) {
+        let Some(run_id) = state.resident.pop_front() else {
+            break;
+        };
+        if let Some(actor) = executions.get(&run_id) {
+            let _ = actor.send_message(ExecMsg::EvictNow);
+            state.resident.push_back(run_id);
+            asked += 1;
+        }
+    }
+    // Entries of runs that left memory by themselves are dropped now and then.
+    if state.resident.len() > 2 * executions.len() + 1024 {
+        state.resident.retain(|id| executions.contains_key(id));
+    }
 }
 
 /// Restarts after which a failing execution is reported as an error at each further one.
@@ -1901,6 +2044,7 @@ impl Actor for Supervisor {
             rt,
             by_actor: HashMap::new(),
             restarts: HashMap::new(),
+            resident: Default::default(),
         })
     }
 
@@ -2094,7 +2238,9 @@ async fn spawn(
                 .executions
                 .lock()
                 .expect("executions lock")
-                .insert(run_id, actor);
+                .insert(run_id.clone(), actor);
+            state.resident.push_back(run_id);
+            enforce_cache_size(state);
         }
         Err(e) => {
             let n = state.restarts.entry(run_id.clone()).or_default();

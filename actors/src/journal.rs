@@ -241,6 +241,11 @@ enum Request {
     },
 }
 
+/// redb's page cache. Its default (1 GiB) would grow with the journal up to that much
+/// RSS; the journal's reads are of recent runs (hot in this cache) or recoveries and
+/// rehydrations (served by the OS page cache), so a small cache costs little.
+const JOURNAL_CACHE_BYTES: usize = 64 << 20;
+
 /// The redb database behind the journal, reopened after an I/O error: redb refuses further
 /// use of a database that failed a write (`PreviousIo`) until it is opened again, and
 /// opening it repairs it.
@@ -248,17 +253,19 @@ struct Store {
     path: PathBuf,
     faults: Option<Arc<StorageFaults>>,
     db: std::sync::RwLock<Option<Arc<Database>>>,
+    /// Opened once already (a later open is a reopen after an I/O error).
+    opened: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
     fn open_db(&self) -> Result<Database, Error> {
+        let mut builder = Database::builder();
+        builder.set_cache_size(JOURNAL_CACHE_BYTES);
         let db = match &self.faults {
-            None => Database::create(&self.path).map_err(storage)?,
+            None => builder.create(&self.path).map_err(storage)?,
             Some(faults) => {
                 let backend = FaultyBackend::open(&self.path, faults.clone()).map_err(storage)?;
-                Database::builder()
-                    .create_with_backend(backend)
-                    .map_err(storage)?
+                builder.create_with_backend(backend).map_err(storage)?
             }
         };
         let txn = db.begin_write().map_err(storage)?;
@@ -283,10 +290,17 @@ impl Store {
         }
         // Readers may hold the old database a moment longer; its file lock goes with it.
         let mut last = Error::Storage("journal not open".into());
+        let began = std::time::Instant::now();
         for _ in 0..10 {
             match self.open_db() {
                 Ok(db) => {
-                    tracing::warn!(path = %self.path.display(), "journal reopened");
+                    let ms = began.elapsed().as_millis() as u64;
+                    if self.opened.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(path = %self.path.display(), ms, "journal reopened");
+                    } else {
+                        // After a crash this includes redb's repair of the file.
+                        tracing::info!(path = %self.path.display(), ms, "journal opened");
+                    }
                     let db = Arc::new(db);
                     *slot = Some(db.clone());
                     return Ok(db);
@@ -330,6 +344,7 @@ impl Journal {
             path: path.to_path_buf(),
             faults,
             db: std::sync::RwLock::new(None),
+            opened: Default::default(),
         };
         store.get()?;
         let (tx, rx) = mpsc::channel(4096);

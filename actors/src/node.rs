@@ -56,6 +56,10 @@ pub struct NodeOptions {
     /// evicts after every step (every step replays: a determinism check under load);
     /// `None` keeps every open execution in memory.
     pub evict_idle: Option<Duration>,
+    /// Most executions kept in memory: beyond it, the longest-resident ones that only wait
+    /// are evicted (rebuilt by replay when needed), so memory stays bounded however many
+    /// runs are open.
+    pub max_cached: usize,
     /// Faults injected into the journal's storage (chaos tests only).
     pub storage_faults: Option<Arc<crate::storage::StorageFaults>>,
 }
@@ -66,6 +70,7 @@ impl NodeOptions {
         NodeOptions {
             data_dir: data_dir.into(),
             evict_idle: Some(DEFAULT_EVICT_IDLE),
+            max_cached: DEFAULT_MAX_CACHED,
             storage_faults: None,
         }
     }
@@ -73,6 +78,8 @@ impl NodeOptions {
 
 /// How long an execution stays in memory idle, by default.
 pub const DEFAULT_EVICT_IDLE: Duration = Duration::from_secs(60);
+/// How many executions stay in memory at most, by default (about 20 KiB each).
+pub const DEFAULT_MAX_CACHED: usize = 10_000;
 
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +113,7 @@ impl Orchestrator {
         registry: Registry,
         options: NodeOptions,
     ) -> Result<Orchestrator, Error> {
+        let began = std::time::Instant::now();
         std::fs::create_dir_all(&options.data_dir)?;
         let streams = Streams::ensure(&client).await?;
         let journal = Journal::open_with(
@@ -122,6 +130,7 @@ impl Orchestrator {
             executions: Mutex::new(HashMap::new()),
             supervisor: OnceLock::new(),
             evict_idle: options.evict_idle,
+            max_cached: options.max_cached.max(1),
             rehydrations: Default::default(),
         });
         let (supervisor, _) = Actor::spawn(None, Supervisor, rt.clone())
@@ -130,12 +139,30 @@ impl Orchestrator {
         let _ = rt.supervisor.set(supervisor.clone());
 
         // 1. Rebuild every open run from the journal.
+        // Each run's mirror is checked (one JetStream read, a repair if it lags) and the run
+        // handed to the supervisor as soon as it is ready, many at once: recovery of many
+        // open runs is not one round trip after another, and the first runs resume while
+        // the others are still being checked.
         let open = rt.journal.open_runs()?;
         let recovered = open.len();
-        for run in open {
-            rt.journal.reconcile_mirror(&run.run_id).await?;
-            let history = rt.journal.history(&run.run_id)?;
-            tracing::info!(workflow_id = %run.workflow_id, run_id = %run.run_id, events = history.len(), "recovering run");
+        tracing::info!(
+            recovered,
+            ms = began.elapsed().as_millis() as u64,
+            "open runs read"
+        );
+        let mut ready = futures::stream::iter(open)
+            .map(|run| {
+                let rt = rt.clone();
+                async move {
+                    rt.journal.reconcile_mirror(&run.run_id).await?;
+                    let history = rt.journal.history(&run.run_id)?;
+                    Ok::<_, Error>((run, history))
+                }
+            })
+            .buffer_unordered(RECOVERY_CONCURRENCY);
+        while let Some(r) = ready.next().await {
+            let (run, history) = r?;
+            tracing::debug!(workflow_id = %run.workflow_id, run_id = %run.run_id, events = history.len(), "recovering run");
             supervisor
                 .send_message(SupervisorMsg::Spawn(ExecArgs {
                     rt: rt.clone(),
@@ -145,6 +172,12 @@ impl Orchestrator {
                 }))
                 .map_err(|e| Error::Actor(e.to_string()))?;
         }
+        drop(ready);
+        tracing::info!(
+            recovered,
+            ms = began.elapsed().as_millis() as u64,
+            "open runs handed to their executions"
+        );
 
         // 2. Apply the reports that waited while the node was down.
         let consumer = streams.report_consumer().await?;
@@ -793,6 +826,9 @@ async fn query(rt: &Runtime, req: QueryRequest, f: Format) -> Reply {
         Err(e) => Reply::err(f, ErrorCode::UnknownQuery, e),
     }
 }
+
+/// Open runs whose mirror is checked at once during recovery.
+const RECOVERY_CONCURRENCY: usize = 64;
 
 /// Room left in a history page's message for the reply's envelope and headers.
 const HISTORY_PAGE_ENVELOPE: usize = 64 * 1024;

@@ -9,6 +9,8 @@ pub struct ProcStats {
     pub cpu_s: f64,
     /// Peak resident set size (VmHWM), bytes.
     pub peak_rss: u64,
+    /// Resident set size now (VmRSS), bytes.
+    pub rss: u64,
 }
 
 /// Reads the CPU time and peak RSS of `pid` from `/proc` (None if it is gone).
@@ -21,15 +23,18 @@ pub fn proc_stats(pid: u32) -> Option<ProcStats> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let peak_rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024;
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
     Some(ProcStats {
         cpu_s: (utime + stime) / ticks,
-        peak_rss,
+        peak_rss: kib("VmHWM:"),
+        rss: kib("VmRSS:"),
     })
 }
 

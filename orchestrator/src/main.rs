@@ -216,12 +216,17 @@ struct CacheArgs {
     /// journal when needed); 0 evicts after every step, so every step replays.
     #[arg(long, env = "BATON_EVICT_IDLE_MS", default_value_t = baton_actors::node::DEFAULT_EVICT_IDLE.as_millis() as u64)]
     evict_idle_ms: u64,
+    /// Keep at most this many executions in memory: beyond it, the longest-resident ones
+    /// that only wait are evicted (rebuilt by replay when needed).
+    #[arg(long, env = "BATON_MAX_CACHED_EXECUTIONS", default_value_t = baton_actors::node::DEFAULT_MAX_CACHED)]
+    max_cached_executions: usize,
 }
 
 impl CacheArgs {
     fn node_options(&self, data_dir: PathBuf) -> NodeOptions {
         NodeOptions {
             evict_idle: Some(Duration::from_millis(self.evict_idle_ms)),
+            max_cached: self.max_cached_executions,
             ..NodeOptions::new(data_dir)
         }
     }

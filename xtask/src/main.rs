@@ -8,7 +8,9 @@
 //! - `demo [ARGS...]`: `setup`, build `baton` in release mode, run `baton demo ARGS...`.
 //! - `bench [ARGS...]`: `setup`, build `baton` and `baton-loadgen` in release mode, run the
 //!   load generator against a fresh `baton dev` (`--help` lists its options); with
-//!   `--micro`, run the criterion micro-benchmarks instead.
+//!   `--micro`, run the criterion micro-benchmarks instead; with `--timers`, the timer
+//!   benchmark `baton-timerbench` (open executions on durable timers across an
+//!   orchestrator `kill -9`).
 //! - `chaos [--debug] [ARGS...]`: `setup`, build `baton` and the chaos driver
 //!   (`baton-chaos`, `tests/chaos/`) in release mode (debug with `--debug`), run the driver:
 //!   faults under load, then invariants I1-I8 (`--help` lists its options: `--scenarios`,
@@ -42,6 +44,8 @@ commands:
                  (--scenarios 2,3,4,5,12,13,14,15 --workflows N --faults K --concurrency C;
                  `cargo xtask chaos --help` for all)
   bench --micro  run the criterion micro-benchmarks (`cargo bench -p baton-benches`)
+  bench --timers [--workflows N]
+                 N open executions on durable timers: RSS, then kill -9 and recovery
   bench --embedder [--runs N] [--passes N] [--stages]
                  the bare Embedder vs Python onnxruntime, same model, texts and threads";
 
@@ -193,8 +197,17 @@ fn bench(args: &[String]) -> Result<ExitCode> {
         "--bins",
     ]))?;
     let release = target_dir().join("release");
+    // `--timers`: open executions on durable timers across an orchestrator kill -9.
+    let (bin, args): (&str, Vec<&String>) = if args.iter().any(|a| a == "--timers") {
+        (
+            "baton-timerbench",
+            args.iter().filter(|a| *a != "--timers").collect(),
+        )
+    } else {
+        ("baton-loadgen", args.iter().collect())
+    };
     let st = status(
-        Command::new(release.join("baton-loadgen"))
+        Command::new(release.join(bin))
             .arg("--baton-bin")
             .arg(release.join("baton"))
             .args(args)

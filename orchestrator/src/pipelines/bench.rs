@@ -55,10 +55,44 @@ async fn bench_pipeline(
     Ok(ctx.activity(&BENCH_INFER, &clean).await?)
 }
 
-/// Registers `bench_pipeline` and its activities.
+/// The timer benchmark's workflow (`baton-timerbench`): one durable timer, nothing else.
+pub const BENCH_TIMER: &str = "bench_timer";
+
+/// Input of `bench_timer`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimerInput {
+    /// Unix milliseconds the timer is due at.
+    pub wake_at_ms: u64,
+}
+
+/// Output of `bench_timer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerOutput {
+    /// The input's due time.
+    pub wake_at_ms: u64,
+    /// Workflow time when the timer's firing was recorded (never before `wake_at_ms`).
+    pub fired_ms: u64,
+}
+
+/// Sleeps on a durable timer until `wake_at_ms`, then returns when it fired.
+async fn bench_timer(
+    ctx: WorkflowContext,
+    input: TimerInput,
+) -> Result<TimerOutput, WorkflowError> {
+    let wait = input.wake_at_ms.saturating_sub(ctx.now_ms());
+    ctx.sleep(Duration::from_millis(wait)).await?;
+    Ok(TimerOutput {
+        wake_at_ms: input.wake_at_ms,
+        fired_ms: ctx.now_ms(),
+    })
+}
+
+/// Registers `bench_pipeline`, `bench_timer` and their activities.
 pub fn register(r: &mut Registry) -> anyhow::Result<()> {
     let secs = Duration::from_secs;
     r.workflow(BENCH_PIPELINE, bench_pipeline)?;
+    r.workflow(BENCH_TIMER, bench_timer)?;
     r.activity(
         &BENCH_VALIDATE,
         ActivityOptions::new(CPU_QUEUE, secs(30), cpu_retry()),
