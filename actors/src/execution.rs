@@ -928,7 +928,8 @@ impl Actor for ExecutionActor {
 async fn mark_cancelled(rt: &Runtime, run_id: &str, seqs: &[u32]) {
     for &seq in seqs {
         let key = heartbeat_key(run_id, seq);
-        if let Err(e) = rt.streams.cancels.put(key, "1".into()).await {
+        let put = rt.streams.cancels.put(key, "1".into());
+        if let Err(e) = baton_transport::faults::call("cancel mark put", put).await {
             tracing::warn!(run_id, seq, error = %e, "cancellation mark not stored");
         }
     }
@@ -1838,16 +1839,15 @@ impl ExecState {
             );
             let bytes = codec::encode(&task)?;
             tracing::debug!(run_id = %self.run.run_id, seq, attempt = p.attempt, activity = %p.activity, "dispatching task");
-            acks.push(
+            let publish =
                 self.rt
                     .streams
                     .js
-                    .publish_with_headers(task_subject, headers, bytes.into())
-                    .await?,
-            );
+                    .publish_with_headers(task_subject, headers, bytes.into());
+            acks.push(baton_transport::faults::call("task publish", publish).await?);
         }
         for ack in acks {
-            ack.await?;
+            baton_transport::faults::call("task publish ack", ack).await?;
         }
         Ok(())
     }
