@@ -83,6 +83,15 @@ impl Runtime {
         None
     }
 
+    /// Brings up the execution of `run_id` from the journal, its mirror repaired first, if
+    /// the journal holds it open (and retries while the journal or JetStream fails).
+    pub(crate) fn restart_run(&self, run_id: &str) {
+        if let Some(s) = self.supervisor.get() {
+            let run_id = run_id.to_string();
+            let _ = s.send_message(SupervisorMsg::Restart { run_id });
+        }
+    }
+
     /// Starts the execution actor of a run just created in the journal.
     pub(crate) fn spawn_run(self: &Arc<Self>, run: RunRecord, history: Vec<Event>) {
         let Some(supervisor) = self.supervisor.get() else {
@@ -1970,15 +1979,8 @@ impl Actor for Supervisor {
                         run_id,
                     });
                 };
-                match read_open_run(&state.rt, &run_id) {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Ok(()),
-                    Err(e) => {
-                        tracing::warn!(%run_id, error = %e, "journal unreadable; retrying the restart");
-                        retry(&myself, run_id);
-                        return Ok(());
-                    }
-                }
+                // Closed or open, the mirror first: a commit that failed may have held (its
+                // close included), leaving redb ahead of the mirror.
                 if let Err(e) = state.rt.journal.reconcile_mirror(&run_id).await {
                     tracing::warn!(%run_id, error = %e, "mirror not repaired yet; retrying the restart");
                     retry(&myself, run_id);

@@ -582,6 +582,9 @@ fn handle_start(
             ),
             Err(e) => {
                 tracing::error!(error = %e, %workflow_id, "start not made durable");
+                // The commit may have held all the same (its mirror publish, or a sync after
+                // the data landed, failed): the supervisor runs the run if redb has it.
+                rt.restart_run(&run_id);
                 Reply::err(
                     format,
                     ErrorCode::Unavailable,
