@@ -85,6 +85,15 @@ impl Runtime {
         None
     }
 
+    /// Brings up the execution of `run_id` from the journal, its mirror repaired first, if
+    /// the journal holds it open (and retries while the journal or JetStream fails).
+    pub(crate) fn restart_run(&self, run_id: &str) {
+        if let Some(s) = self.supervisor.get() {
+            let run_id = run_id.to_string();
+            let _ = s.send_message(SupervisorMsg::Restart { run_id });
+        }
+    }
+
     /// Starts the execution actor of a run just created in the journal.
     pub(crate) fn spawn_run(self: &Arc<Self>, run: RunRecord, history: Vec<Event>) {
         let Some(supervisor) = self.supervisor.get() else {
@@ -1025,7 +1034,8 @@ impl Actor for ExecutionActor {
 async fn mark_cancelled(rt: &Runtime, run_id: &str, seqs: &[u32]) {
     for &seq in seqs {
         let key = heartbeat_key(run_id, seq);
-        if let Err(e) = rt.streams.cancels.put(key, "1".into()).await {
+        let put = rt.streams.cancels.put(key, "1".into());
+        if let Err(e) = baton_transport::faults::call("cancel mark put", put).await {
             tracing::warn!(run_id, seq, error = %e, "cancellation mark not stored");
         }
     }
@@ -1952,16 +1962,15 @@ impl ExecState {
             );
             let bytes = codec::encode(&task)?;
             tracing::debug!(run_id = %self.run.run_id, seq, attempt = p.attempt, activity = %p.activity, "dispatching task");
-            acks.push(
+            let publish =
                 self.rt
                     .streams
                     .js
-                    .publish_with_headers(task_subject, headers, bytes.into())
-                    .await?,
-            );
+                    .publish_with_headers(task_subject, headers, bytes.into());
+            acks.push(baton_transport::faults::call("task publish", publish).await?);
         }
         for ack in acks {
-            ack.await?;
+            baton_transport::faults::call("task publish ack", ack).await?;
         }
         Ok(())
     }
@@ -2114,15 +2123,8 @@ impl Actor for Supervisor {
                         run_id,
                     });
                 };
-                match read_open_run(&state.rt, &run_id) {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Ok(()),
-                    Err(e) => {
-                        tracing::warn!(%run_id, error = %e, "journal unreadable; retrying the restart");
-                        retry(&myself, run_id);
-                        return Ok(());
-                    }
-                }
+                // Closed or open, the mirror first: a commit that failed may have held (its
+                // close included), leaving redb ahead of the mirror.
                 if let Err(e) = state.rt.journal.reconcile_mirror(&run_id).await {
                     tracing::warn!(%run_id, error = %e, "mirror not repaired yet; retrying the restart");
                     retry(&myself, run_id);

@@ -663,7 +663,7 @@ impl Writer {
             }
         }
         for (run_id, events, ack) in acks {
-            match ack.await {
+            match baton_transport::faults::call("mirror ack", ack).await {
                 Ok(ack) => {
                     if events.last().is_some_and(|e| e.kind.is_close()) {
                         chain.remove(run_id);
@@ -765,9 +765,10 @@ async fn publish_mirror(
             seq.to_string().as_str(),
         );
     }
-    streams
+    let publish = streams
         .js
-        .publish_with_headers(subject::history(run_id), headers, bytes.into())
+        .publish_with_headers(subject::history(run_id), headers, bytes.into());
+    baton_transport::faults::call("mirror publish", publish)
         .await
         .map(Some)
         .map_err(|e| Error::Mirror(e.to_string()))

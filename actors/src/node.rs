@@ -333,7 +333,8 @@ async fn on_report(rt: Arc<Runtime>, message: async_nats::jetstream::Message) {
     };
     match outcome {
         Ok(()) => {
-            if let Err(e) = message.double_ack().await {
+            if let Err(e) = baton_transport::faults::call("report ack", message.double_ack()).await
+            {
                 tracing::warn!(error = %e, "report ack failed; it will be redelivered and dropped as stale");
             }
         }
@@ -415,10 +416,8 @@ async fn edge(rt: Arc<Runtime>, client: Client, mut sub: async_nats::Subscriber,
             );
             match bytes {
                 Ok(b) => {
-                    if let Err(e) = client
-                        .publish_with_headers(reply_to, headers, b.into())
-                        .await
-                    {
+                    let publish = client.publish_with_headers(reply_to, headers, b.into());
+                    if let Err(e) = baton_transport::faults::call("edge reply", publish).await {
                         tracing::warn!(error = %e, "edge reply failed");
                     }
                 }
@@ -616,6 +615,9 @@ fn handle_start(
             ),
             Err(e) => {
                 tracing::error!(error = %e, %workflow_id, "start not made durable");
+                // The commit may have held all the same (its mirror publish, or a sync after
+                // the data landed, failed): the supervisor runs the run if redb has it.
+                rt.restart_run(&run_id);
                 Reply::err(
                     format,
                     ErrorCode::Unavailable,

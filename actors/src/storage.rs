@@ -42,7 +42,13 @@ pub struct StorageFaults {
     tear_armed: AtomicBool,
     /// Writes and resizes undone by power losses.
     undone: AtomicU64,
+    /// Called once the power is cut, with the writes and resizes undone and whether the
+    /// last was torn (a chaos hook ends its process there: a machine without power does
+    /// nothing more).
+    on_power_loss: Mutex<Option<PowerLossHook>>,
 }
+
+type PowerLossHook = Box<dyn Fn(usize, bool) + Send + Sync>;
 
 enum Undo {
     /// Bytes at `offset` before a write (`old`), and the file length then.
@@ -75,6 +81,12 @@ impl StorageFaults {
     pub fn power_loss_at_write(&self, writes: u64, tear: bool) {
         self.tear_armed.store(tear, Ordering::SeqCst);
         self.writes_left.store(writes.max(1), Ordering::SeqCst);
+    }
+
+    /// Calls `hook` (writes and resizes undone, last write torn) right after the power is
+    /// cut, still inside the storage call that cut it.
+    pub fn on_power_loss(&self, hook: impl Fn(usize, bool) + Send + Sync + 'static) {
+        *self.on_power_loss.lock().expect("power loss hook") = Some(Box::new(hook));
     }
 
     /// Whether the power has been cut.
@@ -193,6 +205,9 @@ impl StorageFaults {
         }
         file.sync_data()?;
         self.undone.fetch_add(undone as u64, Ordering::SeqCst);
+        if let Some(hook) = self.on_power_loss.lock().expect("power loss hook").as_ref() {
+            hook(undone, tear && undone > 0);
+        }
         Ok(undone)
     }
 }

@@ -20,7 +20,7 @@ use std::{
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use baton_transport::{
-    Payload, codec,
+    Payload, codec, faults,
     jetstream::{Streams, heartbeat_key},
     subject,
     wire::{ActivityOutcome, ActivityReport, ActivityTask, Failure, Liveness},
@@ -411,8 +411,8 @@ impl Actor for Pool {
                     if let Some(details) = details {
                         // Durable before the activity goes on: a later attempt resumes here.
                         let k = heartbeat_key(&r.task.run_id, r.task.seq);
-                        if let Err(e) = state.args.streams.heartbeats.put(k, details.0.into()).await
-                        {
+                        let put = state.args.streams.heartbeats.put(k, details.0.into());
+                        if let Err(e) = faults::call("heartbeat details put", put).await {
                             tracing::warn!(error = %e, run_id = %r.task.run_id, seq = r.task.seq, "heartbeat details not stored");
                         }
                     }
@@ -659,7 +659,8 @@ async fn write_liveness(state: &PoolState, task: &ActivityTask) {
         }
     };
     let key = heartbeat_key(&task.run_id, task.seq);
-    if let Err(e) = state.args.streams.liveness.put(key, bytes.into()).await {
+    let put = state.args.streams.liveness.put(key, bytes.into());
+    if let Err(e) = faults::call("liveness put", put).await {
         tracing::warn!(error = %e, run_id = %task.run_id, seq = task.seq, "liveness not stored");
     }
 }
@@ -705,14 +706,16 @@ async fn finish(
     };
     let mut delay = Duration::from_millis(100);
     loop {
-        let stored = match state
+        let publish = state
             .args
             .streams
             .js
-            .publish(subject::report(&task.run_id), bytes.clone().into())
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            .publish(subject::report(&task.run_id), bytes.clone().into());
+        let stored = match faults::call("report publish", publish).await {
+            Ok(ack) => faults::call("report publish ack", ack)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match stored {
@@ -729,7 +732,7 @@ async fn finish(
             }
         }
     }
-    if let Err(e) = message.double_ack().await {
+    if let Err(e) = faults::call("task ack", message.double_ack()).await {
         tracing::warn!(error = %e, "task ack failed (it may be redelivered; its report is stored)");
     }
     tracing::info!(activity = %task.activity, run_id = %task.run_id, seq = task.seq, attempt = task.attempt, outcome,
@@ -772,7 +775,7 @@ async fn tick(state: &mut PoolState) {
             r.runner.kill();
             continue;
         }
-        if let Err(e) = r.message.ack_with(AckKind::Progress).await {
+        if let Err(e) = faults::call("progress ack", r.message.ack_with(AckKind::Progress)).await {
             tracing::warn!(error = %e, "progress ack failed");
         }
     }

@@ -518,10 +518,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cache,
         } => {
             let client = connect(&nats.nats_url).await?;
-            let node =
-                Orchestrator::start(client, registry(&models())?, cache.node_options(data_dir))
-                    .await?;
+            let mut options = cache.node_options(data_dir);
+            // The chaos suite's fault-injection hook (journal storage faults, NATS
+            // failures, power loss); off unless BATON_CHAOS_FAULTS=1.
+            let storage_faults = faults::enabled().then(faults::orchestrator_storage_faults);
+            options.storage_faults = storage_faults.clone();
+            let node = Orchestrator::start(client.clone(), registry(&models())?, options).await?;
+            let faults_hook = match storage_faults {
+                Some(f) => Some(faults::serve_orchestrator(client, f).await?),
+                None => None,
+            };
             ctrl_c().await;
+            if let Some(hook) = faults_hook {
+                hook.abort();
+            }
             node.stop().await;
         }
         Cmd::Worker {

@@ -167,11 +167,14 @@ fn result_value(e: &Value) -> Option<u64> {
     e["result"]["value"].as_u64()
 }
 
-/// Checks I1-I6 and I8 for every workflow of the ledger.
+/// Checks I1-I6 and I8 for every workflow of the ledger. A refused start is an I7
+/// violation unless `refusal_ok(code, when)` (Unix ms): scenarios 17-19 allow `unavailable`
+/// while their storage faults last.
 pub fn check_workflows(
     ledger: &BTreeMap<String, Entry>,
     rb: &Readback,
     registry: &Registry,
+    refusal_ok: &dyn Fn(&str, u64) -> bool,
     v: &mut Vec<Violation>,
 ) {
     let mut push = |inv: &'static str, id: &str, detail: String| {
@@ -224,12 +227,16 @@ pub fn check_workflows(
         if let Some(n) = rb.listed.get(id).filter(|n| **n > 1) {
             push("I2 duplicate", id, format!("{n} runs listed"));
         }
-        for a in &e.answers {
-            if let StartAnswer::Refused(code) = a {
+        let refusals = e.answers.iter().filter_map(|a| match a {
+            StartAnswer::Refused(code) => Some(code),
+            _ => None,
+        });
+        for (code, at) in refusals.zip(e.refused_at_ms.iter().copied()) {
+            if !refusal_ok(code, at) {
                 push(
                     "I7 live",
                     id,
-                    format!("a valid start was refused with {code}"),
+                    format!("a valid start was refused with {code} at {at}"),
                 );
             }
         }
@@ -519,7 +526,7 @@ pub fn recovery(faults: &[Fault], rb: &Readback) -> Vec<Recovery> {
                 ids.dedup();
                 ids
             }
-            Affected::AllOpen => spans
+            Affected::AllOpen | Affected::AllOpenUntilHeal => spans
                 .iter()
                 .filter(|(_, start, closed)| {
                     *start <= f.at_ms && closed.is_none_or(|c| c > f.at_ms)
@@ -527,13 +534,15 @@ pub fn recovery(faults: &[Fault], rb: &Readback) -> Vec<Recovery> {
                 .map(|(id, _, _)| id.clone())
                 .collect(),
         };
+        // A full disk: nothing can commit until it is freed, so from the heal.
+        let from = match f.affected {
+            Affected::AllOpenUntilHeal => f.healed_ms,
+            _ => f.at_ms,
+        };
         for id in hit {
-            if let Some(next) = times
-                .get(&id)
-                .and_then(|t| t.iter().find(|t| **t >= f.at_ms))
-            {
+            if let Some(next) = times.get(&id).and_then(|t| t.iter().find(|t| **t >= from)) {
                 out.push(Recovery {
-                    seconds: (next - f.at_ms) as f64 / 1000.0,
+                    seconds: (next - from) as f64 / 1000.0,
                     workflow_id: id,
                     fault: k,
                 });

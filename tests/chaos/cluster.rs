@@ -1,6 +1,7 @@
-//! The processes under test, on loopback: one nats-server, one `baton orchestrator`, and
-//! `baton worker` processes for the `cpu` and `gpu` queues (fault hook on), plus what the
-//! driver reads from their logs: which activity attempts a worker process has in flight.
+//! The processes under test, on loopback: one nats-server, one `baton orchestrator` (its
+//! fault hook on for scenarios 17-19), and `baton worker` processes for the `cpu` and
+//! `gpu` queues (fault hook on), plus what the driver reads from their logs: which
+//! activity attempts a worker process has in flight.
 
 use std::{
     collections::BTreeSet,
@@ -168,6 +169,8 @@ pub struct Cluster {
     pub orchestrator: BatonProcess,
     /// Lives of the orchestrator so far.
     pub orchestrator_lives: usize,
+    /// Whether the orchestrator runs with its fault hook on (journal storage faults).
+    pub orchestrator_hook: bool,
     /// The workers, `cpu` ones first.
     pub workers: Vec<Worker>,
     /// An edge client.
@@ -185,6 +188,9 @@ pub struct Shape {
     pub concurrency: usize,
     /// The orchestrator's `--evict-idle-ms` (0: zero cache, every step replays).
     pub evict_idle_ms: Option<u64>,
+    /// Start the orchestrator with its fault hook on (`BATON_CHAOS_FAULTS=1`: its journal
+    /// over the faulty storage backend; scenarios 17-19).
+    pub orchestrator_hook: bool,
 }
 
 impl Cluster {
@@ -203,10 +209,20 @@ impl Cluster {
         if let Some(ms) = shape.evict_idle_ms {
             args.extend(["--evict-idle-ms".to_string(), ms.to_string()]);
         }
-        let mut orchestrator = BatonProcess::spawn(args)?;
+        let env: &[(&str, &str)] = if shape.orchestrator_hook {
+            &[(baton_orchestrator::faults::ENV, "1")]
+        } else {
+            &[]
+        };
+        let mut orchestrator = BatonProcess::spawn_with_env(args, env)?;
         orchestrator
             .wait_for_log("orchestrator started", READY)
             .await?;
+        if shape.orchestrator_hook {
+            orchestrator
+                .wait_for_log("fault injection hook on", READY)
+                .await?;
+        }
         let mut workers = Vec::new();
         for (queue, n) in [("cpu", shape.cpu_workers), ("gpu", shape.gpu_workers)] {
             for _ in 0..n {
@@ -241,6 +257,7 @@ impl Cluster {
             _data_dir: data_dir,
             orchestrator,
             orchestrator_lives: 1,
+            orchestrator_hook: shape.orchestrator_hook,
             workers,
             client,
         })
@@ -253,24 +270,91 @@ impl Cluster {
         self.orchestrator_lives += 1;
         self.orchestrator
             .wait_for_log_count("orchestrator started", self.orchestrator_lives, READY)
-            .await
+            .await?;
+        if self.orchestrator_hook {
+            self.orchestrator
+                .wait_for_log_count("fault injection hook on", self.orchestrator_lives, READY)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Asks a worker's fault hook to inject `fault`; `Ok(Some(detail))` if it did.
     pub async fn inject(&self, worker: usize, fault: &str) -> Result<Option<String>> {
-        let subject = self.workers[worker].hook_subject();
+        let v = self
+            .hook(&self.workers[worker].hook_subject(), fault)
+            .await?;
+        let detail = v["detail"].as_str().unwrap_or("").to_string();
+        Ok(v["injected"].as_bool().unwrap_or(false).then_some(detail))
+    }
+
+    /// Sends `command` to the fault hook on `subject`; its JSON reply.
+    pub async fn hook(&self, subject: &str, command: &str) -> Result<serde_json::Value> {
         let reply = tokio::time::timeout(
             Duration::from_secs(10),
             self.client
                 .nats()
-                .request(subject.clone(), fault.to_string().into()),
+                .request(subject.to_string(), command.to_string().into()),
         )
         .await
         .with_context(|| format!("the fault hook on {subject} did not answer"))?
         .with_context(|| format!("fault request to {subject}"))?;
-        let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-        let detail = v["detail"].as_str().unwrap_or("").to_string();
-        Ok(v["injected"].as_bool().unwrap_or(false).then_some(detail))
+        Ok(serde_json::from_slice(&reply.payload)?)
+    }
+
+    /// Sends `command` to the orchestrator's fault hook; fails unless it was injected.
+    pub async fn orchestrator_fault(&self, command: &str) -> Result<serde_json::Value> {
+        let subject = baton_orchestrator::faults::orchestrator_subject(self.orchestrator.pid());
+        let v = self.hook(&subject, command).await?;
+        if v["injected"] != true {
+            bail!("the orchestrator's hook did not inject {command:?}: {v}");
+        }
+        Ok(v)
+    }
+
+    /// Cuts the orchestrator's power (`tear`: its last journal write torn): armed in the
+    /// middle of its `at_write`-th journal write from now when given, else at once (also
+    /// when the armed write does not come within 15 s). Waits for the process to end, and
+    /// starts it again on the same journal. Returns how the power went, and when the
+    /// process was seen gone (Unix ms).
+    pub async fn orchestrator_power_loss(
+        &mut self,
+        at_write: Option<u64>,
+        tear: bool,
+    ) -> Result<(String, u64)> {
+        let how = if tear { "tear" } else { "clean" };
+        let mut armed = false;
+        if let Some(n) = at_write {
+            self.orchestrator_fault(&format!("power_loss_at {n} {how}"))
+                .await?;
+            armed = self
+                .orchestrator
+                .wait_exit(Duration::from_secs(15))
+                .await
+                .is_ok();
+        }
+        if !armed {
+            // No reply comes: the process ends inside the request.
+            let subject = baton_orchestrator::faults::orchestrator_subject(self.orchestrator.pid());
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.client
+                    .nats()
+                    .request(subject, format!("power_loss {how}").into()),
+            )
+            .await;
+            self.orchestrator
+                .wait_exit(Duration::from_secs(15))
+                .await
+                .context("the orchestrator did not end at its power loss")?;
+        }
+        let gone_ms = crate::workload::now_ms();
+        self.restart_orchestrator().await?;
+        let how = match (armed, at_write) {
+            (true, Some(n)) => format!("in journal write {n} ({how})"),
+            _ => format!("at once ({how})"),
+        };
+        Ok((how, gone_ms))
     }
 
     /// Which processes are not running (a crash, unless the driver killed them).

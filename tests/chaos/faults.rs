@@ -2,7 +2,7 @@
 //! its faults at a steady rate while the workload runs and records, for each, when it
 //! happened and which workflows it hit, so recovery can be measured afterwards.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::{Result, bail};
 use async_nats::HeaderMap;
@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use crate::{
     cluster::{self, Attempt, Cluster, wait_for},
     model::Rng,
-    workload::{StartAnswer, Workload, now_ms},
+    workload::{StartAnswer, WORKFLOW, Workload, now_ms},
 };
 
 /// Which workflows a fault hit.
@@ -27,6 +27,9 @@ pub enum Affected {
     Attempts(Vec<Attempt>),
     /// Every run open at the time (the orchestrator died).
     AllOpen,
+    /// Every run open when the fault began, recovering from the heal (the journal's disk
+    /// was full: nothing could commit until it was freed).
+    AllOpenUntilHeal,
 }
 
 /// One injected fault.
@@ -61,7 +64,7 @@ pub struct EdgeStats {
 fn record(out: &mut Vec<Fault>, fault: Fault) {
     let hit = match &fault.affected {
         Affected::Attempts(a) => format!("{} attempts in flight", a.len()),
-        Affected::AllOpen => "every open run".into(),
+        Affected::AllOpen | Affected::AllOpenUntilHeal => "every open run".into(),
     };
     println!(
         "  fault {}: {} on {} ({hit}; healed after {} ms)",
@@ -536,4 +539,188 @@ pub async fn oversize_starts(c: &Cluster, volleys: usize, rng: &mut Rng) -> Edge
         .await;
     }
     stats
+}
+
+/// What scenarios 17-19 saw of the orchestrator's storage faults and of the NATS failures.
+#[derive(Debug, Clone, Default)]
+pub struct StorageStats {
+    /// Journal storage calls failed by injection (ENOSPC, I/O errors), per the hook.
+    pub storage_failed: u64,
+    /// NATS calls failed by injection in the orchestrator, per call point.
+    pub nats_orchestrator: BTreeMap<String, u64>,
+    /// NATS calls failed by injection in the workers, in all.
+    pub nats_workers: u64,
+    /// Scenario 17: starts sent while the disk was full: (workflow ID, the answer).
+    pub full_disk_starts: Vec<(String, String)>,
+    /// Scenario 18: unsynced journal writes undone by the power losses, and how many
+    /// losses tore the last write.
+    pub undone_writes: u64,
+    /// Power losses that tore a write.
+    pub torn: usize,
+}
+
+/// Scenario 17: the orchestrator's journal disk fills (every write, resize and sync fails
+/// with ENOSPC) for 2-4 s, then has room again; `count` times, 1.5-3.5 s of progress
+/// apart. In each window one more start is sent: it must be refused with `unavailable`
+/// and never exist.
+pub async fn disk_full_windows(
+    c: &mut Cluster,
+    count: usize,
+    rng: &mut Rng,
+    stats: &mut StorageStats,
+) -> Result<Vec<Fault>> {
+    let mut out = Vec::new();
+    for k in 0..count {
+        tokio::time::sleep(jitter(rng, 1_500, 3_500)).await;
+        c.orchestrator_fault("disk_full on").await?;
+        let at_ms = now_ms();
+        let id = format!("s17-full-disk-{k}-{at_ms}");
+        let answer = match c.client.start(WORKFLOW, Some(&id), valid_input()).await {
+            Ok(baton_transport::wire::Reply::Err(e)) => serde_json::to_value(e.error.code)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            Ok(baton_transport::wire::Reply::Ok(r)) => format!("{:?}", r.status),
+            Err(e) => format!("no answer: {e:#}"),
+        };
+        stats.full_disk_starts.push((id, answer));
+        // The disk stays full this long, whatever the load does meanwhile.
+        tokio::time::sleep(jitter(rng, 2_000, 4_000)).await;
+        let v = c.orchestrator_fault("disk_full off").await?;
+        let healed_ms = now_ms();
+        let failed = v["storage_injected"].as_u64().unwrap_or(0);
+        record(
+            &mut out,
+            Fault {
+                kind: "disk full".into(),
+                target: format!(
+                    "orchestrator journal ({} storage calls refused)",
+                    failed - stats.storage_failed
+                ),
+                at_ms,
+                healed_ms,
+                affected: Affected::AllOpenUntilHeal,
+                worker: None,
+            },
+        );
+        stats.storage_failed = failed;
+    }
+    Ok(out)
+}
+
+/// Scenario 18: the orchestrator's machine loses power: every journal write since the
+/// last sync is undone, the last one torn in every second loss, and the process ends at
+/// once; the driver starts it again on the same journal. Three losses in four are armed
+/// in the middle of the 1st-40th journal write from then (inside a commit under load),
+/// the fourth is at once; `count` times, 2-5 s of progress apart.
+pub async fn power_losses(
+    c: &mut Cluster,
+    count: usize,
+    rng: &mut Rng,
+    stats: &mut StorageStats,
+) -> Result<Vec<Fault>> {
+    let mut out = Vec::new();
+    for k in 0..count {
+        tokio::time::sleep(jitter(rng, 2_000, 5_000)).await;
+        let tear = k % 2 == 0;
+        let at_write = (k % 4 != 3).then(|| rng.range(1, 40));
+        let before = c.orchestrator.count_in_log("chaos: power lost");
+        let (how, at_ms) = c.orchestrator_power_loss(at_write, tear).await?;
+        let log = c.orchestrator.log_contents();
+        let losses: Vec<&str> = log
+            .lines()
+            .filter(|l| l.starts_with("chaos: power lost"))
+            .collect();
+        if losses.len() != before + 1 {
+            bail!("the orchestrator ended without its power loss (log: {losses:?})");
+        }
+        let line = losses[before];
+        // `chaos: power lost (N unsynced journal writes undone, last torn: B); ...`
+        let undone: u64 = line
+            .split_once('(')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        stats.undone_writes += undone;
+        if line.contains("last torn: true") {
+            stats.torn += 1;
+        }
+        record(
+            &mut out,
+            Fault {
+                kind: format!("power loss {how}"),
+                target: format!(
+                    "orchestrator ({undone} writes undone; now pid {})",
+                    c.orchestrator.pid()
+                ),
+                at_ms,
+                healed_ms: now_ms(),
+                affected: Affected::AllOpen,
+                worker: None,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Scenario 19: from now `per_million` of the orchestrator's journal storage calls and of
+/// the NATS calls of every process (orchestrator and workers) fail, until
+/// [`failing_calls_off`] (after the drain: every run of the load runs through them). One
+/// "fault" spanning the window.
+pub async fn failing_calls_on(c: &mut Cluster, per_million: u32) -> Result<Vec<Fault>> {
+    c.orchestrator_fault(&format!("io_failures {per_million}"))
+        .await?;
+    c.orchestrator_fault(&format!("nats_failures {per_million}"))
+        .await?;
+    for i in 0..c.workers.len() {
+        let v = c
+            .hook(
+                &c.workers[i].hook_subject(),
+                &format!("nats_failures {per_million}"),
+            )
+            .await?;
+        if v["injected"] != true {
+            bail!(
+                "worker {} did not take the NATS failure rate: {v}",
+                c.workers[i].name(i)
+            );
+        }
+    }
+    let at_ms = now_ms();
+    println!("  failing calls on: {per_million} in a million (journal storage, NATS)");
+    Ok(vec![Fault {
+        kind: format!("{per_million} in a million calls failing"),
+        target: "orchestrator journal, every process's NATS calls".into(),
+        at_ms,
+        healed_ms: u64::MAX,
+        affected: Affected::Attempts(Vec::new()),
+        worker: None,
+    }])
+}
+
+/// Scenario 19's heal: every failure rate back to 0; the counts of what was injected.
+pub async fn failing_calls_off(
+    c: &mut Cluster,
+    fault: &mut Fault,
+    stats: &mut StorageStats,
+) -> Result<()> {
+    let v = c.orchestrator_fault("io_failures 0").await?;
+    stats.storage_failed = v["storage_injected"].as_u64().unwrap_or(0);
+    let v = c.orchestrator_fault("nats_failures 0").await?;
+    stats.nats_orchestrator =
+        serde_json::from_value(v["nats_by_point"].clone()).unwrap_or_default();
+    for i in 0..c.workers.len() {
+        let v = c
+            .hook(&c.workers[i].hook_subject(), "nats_failures 0")
+            .await?;
+        stats.nats_workers += v["nats_injected"].as_u64().unwrap_or(0);
+    }
+    fault.healed_ms = now_ms();
+    let nats: u64 = stats.nats_orchestrator.values().sum::<u64>() + stats.nats_workers;
+    println!(
+        "  failing calls off after {:.1} s: {} journal storage calls and {nats} NATS calls failed",
+        (fault.healed_ms - fault.at_ms) as f64 / 1000.0,
+        stats.storage_failed
+    );
+    Ok(())
 }

@@ -19,6 +19,15 @@
 //! | 13 | every ID started 3 times at once, again while running, again after it closed with another input, and once more after the drain |
 //! | 14 | poison on `baton.start.*`, `baton.api.*`, `baton.task.*`, `baton.report.*` |
 //! | 15 | start bodies over 1 MiB; activity results of 2, 3 (echoed), 9 and 5 (echoed) MiB (`--oversize`) |
+//! | 17 | the orchestrator's journal disk full (ENOSPC on every write and sync) for 2-4 s, then freed; a start sent meanwhile must be refused with `unavailable` and never exist |
+//! | 18 | the orchestrator's power lost: unsynced journal writes undone (every second time the last one torn), mostly armed inside a commit; the process ends at once and is restarted on the same journal |
+//! | 19 | 0.5% (`--fail-ppm`) of the orchestrator's journal storage calls and of every process's NATS calls (publishes, their acks, KV puts, message acks, edge replies) fail while the load runs |
+//!
+//! Scenarios 17-19 start the orchestrator with its fault hook on (`BATON_CHAOS_FAULTS=1`,
+//! `orchestrator/src/faults.rs`): its journal over the faulty storage backend
+//! (`actors/src/storage.rs`), NATS failures from `baton_transport::faults`. There, and only
+//! while the storage faults last (plus 2 s), a start refused with `unavailable` is not a
+//! violation: the client sends it again, and only an acknowledged start counts.
 //!
 //! Scenario 5 is scenario 4 with the orchestrator's workflow cache at zero
 //! (`--evict-idle-ms 0`): every step of every run is rebuilt by replay.
@@ -54,15 +63,19 @@ use crate::{
 #[derive(Parser, Debug, Clone)]
 #[command(about)]
 struct Opts {
-    /// Scenarios to run (numbering from RELIABILITY.md): 2,3,4,5,12,13,14,15.
-    #[arg(long, value_delimiter = ',', default_values_t = [2, 3, 4, 5, 12, 13, 14, 15])]
+    /// Scenarios to run (numbering from RELIABILITY.md): 2,3,4,5,12,13,14,15,17,18,19.
+    #[arg(long, value_delimiter = ',', default_values_t = [2, 3, 4, 5, 12, 13, 14, 15, 17, 18, 19])]
     scenarios: Vec<u32>,
     /// Workflows per scenario (at least; the load runs until the faults are done).
     #[arg(long, default_value_t = 40)]
     workflows: usize,
-    /// Faults per fault scenario (2, 3, 4, 12); scenario 3 cycles kill/panic runner/pool.
+    /// Faults per fault scenario (2, 3, 4, 12, 17, 18); scenario 3 cycles kill/panic
+    /// runner/pool; for 17 the full-disk windows, for 18 the power losses.
     #[arg(long, default_value_t = 5)]
     faults: usize,
+    /// Scenario 19: calls in a million that fail (journal storage, NATS).
+    #[arg(long, default_value_t = 5_000)]
+    fail_ppm: u32,
     /// Closed-loop clients (runs in flight).
     #[arg(long, default_value_t = 12)]
     concurrency: usize,
@@ -117,6 +130,9 @@ fn scenario_name(s: u32) -> &'static str {
         13 => "13 duplicate starts",
         14 => "14 poison messages",
         15 => "15 oversize payloads",
+        17 => "17 disk full",
+        18 => "18 power loss, torn writes",
+        19 => "19 failing calls",
         _ => "?",
     }
 }
@@ -145,7 +161,7 @@ async fn main() -> ExitCode {
 async fn run(opts: Opts) -> Result<bool> {
     for s in &opts.scenarios {
         if scenario_name(*s) == "?" {
-            bail!("unknown scenario {s} (this driver runs 2, 3, 4, 5, 12, 13, 14, 15)");
+            bail!("unknown scenario {s} (this driver runs 2, 3, 4, 5, 12, 13, 14, 15, 17, 18, 19)");
         }
     }
     let mut registry = Registry::new();
@@ -257,6 +273,7 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
         gpu_workers: opts.workers,
         concurrency: opts.worker_concurrency,
         evict_idle_ms: (s == 5).then_some(0),
+        orchestrator_hook: matches!(s, 17..=19),
     };
     let mut c = Cluster::start(shape).await?;
     let limits = Limits {
@@ -289,6 +306,7 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
     // Faults, while the workload runs.
     let mut faults: Vec<Fault> = Vec::new();
     let mut edge = EdgeStats::default();
+    let mut storage = faults::StorageStats::default();
     match s {
         2 => faults = faults::worker_kills(&mut c, opts.faults, &mut rng).await?,
         3 => faults = faults::actor_faults(&mut c, opts.faults, &mut rng).await?,
@@ -299,6 +317,11 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
             edge = faults::poison(&c, w.clone(), volleys, &mut rng).await;
         }
         15 => edge = faults::oversize_starts(&c, (opts.workflows / 20).max(2), &mut rng).await,
+        17 => {
+            faults = faults::disk_full_windows(&mut c, opts.faults, &mut rng, &mut storage).await?
+        }
+        18 => faults = faults::power_losses(&mut c, opts.faults, &mut rng, &mut storage).await?,
+        19 => faults = faults::failing_calls_on(&mut c, opts.fail_ppm).await?,
         _ => {}
     }
     // Heal is done (processes restarted or resumed); let the load reach its size, then
@@ -327,6 +350,10 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
         if e.acked && !closed {
             wait_closed(&c.client, &w.ledger, &id, || drain_until).await;
         }
+    }
+    // Scenario 19 heals after the drain: every run of the load ran through the failures.
+    if s == 19 {
+        faults::failing_calls_off(&mut c, &mut faults[0], &mut storage).await?;
     }
     let mut notes = Vec::new();
     let mut v: Vec<Violation> = Vec::new();
@@ -390,7 +417,16 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
     // Read everything back and check.
     let ledger = w.ledger.snapshot();
     let rb = check::read_back(&c.client, c.client.nats(), &ledger).await?;
-    check::check_workflows(&ledger, &rb, registry, &mut v);
+    // Scenarios 17 and 19: `unavailable` while the storage faults last (and 2 s after, for
+    // a commit under way at the heal) is the clear refusal of a start not made durable.
+    let refusal_ok = |code: &str, at: u64| {
+        matches!(s, 17 | 19)
+            && code == "unavailable"
+            && faults
+                .iter()
+                .any(|f| f.at_ms <= at && at <= f.healed_ms + 2_000)
+    };
+    check::check_workflows(&ledger, &rb, registry, &refusal_ok, &mut v);
     let mut figures = check::Figures {
         workflows: ledger.len(),
         reexecuted: check::reexecuted(&rb),
@@ -426,6 +462,11 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
     figures.faults = match s {
         13 => w.duplicate_starts.load(Ordering::SeqCst) + ledger.len(),
         14 | 15 => edge.sent,
+        19 => {
+            (storage.storage_failed
+                + storage.nats_orchestrator.values().sum::<u64>()
+                + storage.nats_workers) as usize
+        }
         _ => faults.len(),
     };
     match s {
@@ -476,6 +517,7 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
                 oversize_checks(&ledger, &rb, &mut v, &mut notes);
             }
         }
+        17..=19 => storage_checks(s, &ledger, &rb, &faults, &storage, &mut v, &mut notes),
         _ => {}
     }
     // Counted per workflow (a lost run is one, whatever checks saw it), and per
@@ -687,6 +729,90 @@ fn oversize_checks(
     notes.push(format!(
         "15: {completed_big} runs with a large result completed; {refused} refused once with PayloadTooLarge"
     ));
+}
+
+/// Scenarios 17-19: what the storage faults and failing calls did, and scenario 17's
+/// check that a start sent while the disk was full was refused with `unavailable` and
+/// left no run (`S17 refused, absent`).
+fn storage_checks(
+    s: u32,
+    ledger: &BTreeMap<String, workload::Entry>,
+    rb: &check::Readback,
+    faults: &[Fault],
+    storage: &faults::StorageStats,
+    v: &mut Vec<Violation>,
+    notes: &mut Vec<String>,
+) {
+    let refused = ledger
+        .values()
+        .flat_map(|e| &e.answers)
+        .filter(|a| matches!(a, workload::StartAnswer::Refused(c) if c == "unavailable"))
+        .count();
+    let acked_after_refusal = ledger
+        .values()
+        .filter(|e| e.acked && !e.refused_at_ms.is_empty())
+        .count();
+    match s {
+        17 => {
+            for (id, answer) in &storage.full_disk_starts {
+                if answer != "unavailable" {
+                    v.push(Violation {
+                        invariant: "S17 refused, absent",
+                        workflow_id: id.clone(),
+                        detail: format!(
+                            "a start sent while the journal's disk was full was answered {answer}, not refused with unavailable"
+                        ),
+                    });
+                }
+                if rb.listed.contains_key(id) {
+                    v.push(Violation {
+                        invariant: "S17 refused, absent",
+                        workflow_id: id.clone(),
+                        detail: "a start refused while the disk was full has a run".into(),
+                    });
+                }
+            }
+            let held: Vec<String> = faults
+                .iter()
+                .map(|f| format!("{:.1}", (f.healed_ms - f.at_ms) as f64 / 1000.0))
+                .collect();
+            notes.push(format!(
+                "17: {} full-disk windows (s: {}), {} journal storage calls refused with ENOSPC; {} of {} starts sent in a window refused with unavailable; the load's starts refused {refused} times ({acked_after_refusal} IDs then acknowledged on a later try)",
+                faults.len(),
+                held.join(", "),
+                storage.storage_failed,
+                storage
+                    .full_disk_starts
+                    .iter()
+                    .filter(|(_, a)| a == "unavailable")
+                    .count(),
+                storage.full_disk_starts.len(),
+            ));
+        }
+        18 => notes.push(format!(
+            "18: {} power losses ({}), {} torn, {} unsynced journal writes undone; the load's starts refused {refused} times",
+            faults.len(),
+            faults
+                .iter()
+                .map(|f| f.kind.trim_start_matches("power loss ").to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            storage.torn,
+            storage.undone_writes,
+        )),
+        _ => {
+            let window = faults
+                .first()
+                .map_or(0.0, |f| (f.healed_ms - f.at_ms) as f64 / 1000.0);
+            notes.push(format!(
+                "19: {window:.1} s of failing calls: {} journal storage calls failed; NATS calls failed: {} in the orchestrator {:?}, {} in the workers; the load's starts refused with unavailable {refused} times ({acked_after_refusal} IDs then acknowledged on a later try)",
+                storage.storage_failed,
+                storage.nats_orchestrator.values().sum::<u64>(),
+                storage.nats_orchestrator,
+                storage.nats_workers,
+            ));
+        }
+    }
 }
 
 /// Prints every violation (IDs, then the histories of up to 10 workflows), and copies the

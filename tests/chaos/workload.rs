@@ -3,8 +3,10 @@
 //! started, acknowledged and answered.
 //!
 //! A client behaves as a careful user does: a start whose reply is lost (the orchestrator
-//! died) is sent again with the same workflow ID until a reply comes; a result request
-//! that fails is asked again. Every reply is kept, so duplicates can be counted.
+//! died) is sent again with the same workflow ID until a reply comes, and so is one
+//! refused as `unavailable` (the start was not made durable: a full disk, a failed
+//! commit); a result request that fails is asked again. Every reply is kept, with the
+//! time of each refusal, so duplicates can be counted and refusals judged.
 
 use std::{
     collections::BTreeMap,
@@ -44,6 +46,8 @@ pub struct Entry {
     pub expected: Expected,
     /// Every reply to a start of this ID, in order.
     pub answers: Vec<StartAnswer>,
+    /// When each `Refused` answer came (Unix ms), in order.
+    pub refused_at_ms: Vec<u64>,
     /// Whether a start was acknowledged (`started` or `duplicate`).
     pub acked: bool,
     /// The closed result, once read.
@@ -63,6 +67,7 @@ impl Ledger {
                 input,
                 expected,
                 answers: Vec::new(),
+                refused_at_ms: Vec::new(),
                 acked: false,
                 result: None,
             },
@@ -117,11 +122,38 @@ pub async fn start_once(
     };
     let acked = matches!(answer, StartAnswer::Started(_) | StartAnswer::Duplicate(_));
     let a = answer.clone();
+    let at = now_ms();
     ledger.update(id, |e| {
+        if matches!(a, StartAnswer::Refused(_)) {
+            e.refused_at_ms.push(at);
+        }
         e.answers.push(a);
         e.acked |= acked;
     });
     Some(answer)
+}
+
+/// Like [`start_until_answered`], a refusal as `unavailable` (not made durable) sent
+/// again too, 250 ms later: until the start is acknowledged, refused otherwise, or
+/// `deadline`.
+pub async fn start_until_acked(
+    client: &Client,
+    ledger: &Ledger,
+    id: &str,
+    input: &Value,
+    deadline: impl Fn() -> Instant,
+) -> Option<StartAnswer> {
+    loop {
+        match start_until_answered(client, ledger, id, input, deadline()).await {
+            Some(StartAnswer::Refused(code)) if code == "unavailable" => {
+                if Instant::now() > deadline() {
+                    return Some(StartAnswer::Refused(code));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Starts `id` until a reply comes (or `deadline`): the same ID each time, so a start
@@ -300,9 +332,8 @@ impl Workload {
                 self.duplicates(&client, &id, &input).await;
                 continue;
             }
-            if start_until_answered(&client, &self.ledger, &id, &input, self.deadline())
-                .await
-                .is_some()
+            if let Some(StartAnswer::Started(_) | StartAnswer::Duplicate(_)) =
+                start_until_acked(&client, &self.ledger, &id, &input, || self.deadline()).await
             {
                 let since = Instant::now();
                 wait_closed(&client, &self.ledger, &id, || self.wait_deadline(since)).await;

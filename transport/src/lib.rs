@@ -10,9 +10,11 @@
 //! - [`wire`]: the envelopes: start/API requests and replies, activity tasks and reports.
 //! - [`ids`]: the character set and length limits of workflow IDs and type names.
 //! - [`jetstream`]: stream and consumer definitions, created idempotently.
+//! - [`faults`]: injected NATS failures (chaos tests only; off unless a process turns them on).
 
 pub mod codec;
 mod error;
+pub mod faults;
 pub mod ids;
 pub mod jetstream;
 pub mod subject;
