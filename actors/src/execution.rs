@@ -1993,6 +1993,8 @@ pub(crate) enum SupervisorMsg {
     },
     /// Bring an evicted execution back (a message for it, or its wake-up time).
     Rehydrate { run_id: String },
+    /// Check the cache's size again (it was over).
+    EnforceCache,
 }
 
 pub(crate) struct SupervisorState {
@@ -2002,6 +2004,8 @@ pub(crate) struct SupervisorState {
     /// Run IDs in the order their executions came into memory (some since gone): the
     /// candidates for eviction when the cache is over its size.
     resident: std::collections::VecDeque<String>,
+    /// An `EnforceCache` is on its way.
+    enforce_armed: bool,
 }
 
 /// Executions asked to leave per spawn while the cache is over its size (each busy one
@@ -2009,10 +2013,15 @@ pub(crate) struct SupervisorState {
 const EVICTIONS_PER_SPAWN: usize = 4;
 
 /// Keeps the executions in memory at most `max_cached`: asks the longest-resident ones to
-/// leave if they only wait (a busy one stays and goes to the back of the line).
-fn enforce_cache_size(state: &mut SupervisorState) {
+/// leave if they only wait (a busy one stays and goes to the back of the line); while the
+/// cache is still over its size, looks again shortly.
+fn enforce_cache_size(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
     let executions = state.rt.executions.lock().expect("executions lock");
     let over = executions.len().saturating_sub(state.rt.max_cached);
+    if over > 0 && !state.enforce_armed {
+        state.enforce_armed = true;
+        myself.send_after(Duration::from_millis(500), || SupervisorMsg::EnforceCache);
+    }
     let mut asked = 0;
     while asked < over.min(EVICTIONS_PER_SPAWN) {
         let Some(run_id) = state.resident.pop_front() else {
@@ -2054,6 +2063,7 @@ impl Actor for Supervisor {
             by_actor: HashMap::new(),
             restarts: HashMap::new(),
             resident: Default::default(),
+            enforce_armed: false,
         })
     }
 
@@ -2065,6 +2075,11 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Spawn(args) => spawn(&myself, state, args).await,
+            SupervisorMsg::EnforceCache => {
+                state.enforce_armed = false;
+                enforce_cache_size(&myself, state);
+                Ok(())
+            }
             SupervisorMsg::Evicted {
                 run_id,
                 actor,
@@ -2242,7 +2257,7 @@ async fn spawn(
                 .expect("executions lock")
                 .insert(run_id.clone(), actor);
             state.resident.push_back(run_id);
-            enforce_cache_size(state);
+            enforce_cache_size(myself, state);
         }
         Err(e) => {
             let n = state.restarts.entry(run_id.clone()).or_default();

@@ -230,6 +230,11 @@ impl Orchestrator {
         })
     }
 
+    /// How many executions are in memory now.
+    pub fn executions_in_memory(&self) -> usize {
+        self.rt.executions.lock().expect("executions lock").len()
+    }
+
     /// How many times an evicted execution was brought back into memory.
     pub fn rehydrations(&self) -> u64 {
         self.rt

@@ -410,21 +410,19 @@ impl Env {
 
     /// With this idle-eviction setting (`Some(ZERO)`: every step replays).
     async fn start_with(evict_idle: Option<Duration>) -> anyhow::Result<Env> {
-        Env::start_full(evict_idle, None).await
+        Env::start_full(evict_idle, |o| o).await
     }
 
-    /// With faults injected into the journal's storage.
+    /// With the node's options adjusted by `adjust` (faults injected into the journal's
+    /// storage, a cache size).
     async fn start_full(
         evict_idle: Option<Duration>,
-        faults: Option<std::sync::Arc<baton_actors::storage::StorageFaults>>,
+        adjust: impl FnOnce(NodeOptions) -> NodeOptions,
     ) -> anyhow::Result<Env> {
         let nats = NatsServer::start().await?;
         let nc = nats.connect().await?;
         let dir = tempfile::tempdir()?;
-        let options = NodeOptions {
-            storage_faults: faults,
-            ..Env::options(&dir, evict_idle)
-        };
+        let options = adjust(Env::options(&dir, evict_idle));
         let node = start_node_with(&nc, options, registry).await;
         let pool = start_test_pool(&nc, registry(), QUEUE, 8).await?;
         Ok(Env {
@@ -1141,6 +1139,37 @@ async fn an_idle_execution_is_evicted_and_its_timer_brings_it_back() -> anyhow::
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_cache_evicts_the_longest_resident_executions() -> anyhow::Result<()> {
+    // No idle eviction: only the cache's size (2) sends executions out of memory.
+    let env = Env::start_full(None, |o| NodeOptions { max_cached: 2, ..o }).await?;
+    let ids: Vec<String> = (0..6).map(|i| format!("cache-{i}")).collect();
+    for id in &ids {
+        env.start_wf("sem_collector", id, json!(null)).await?;
+    }
+    let node = env.node.as_ref().expect("node");
+    wait_until(|| node.executions_in_memory() <= 2).await?;
+    // Each signal brings its run back (and sends another out); every run ends right.
+    for id in &ids {
+        for item in [id.as_str(), "stop"] {
+            let r = env
+                .api(
+                    "baton.api.signal",
+                    json!({"workflow_id": id, "name": "item", "input": item}),
+                )
+                .await?;
+            assert_eq!(r["workflow_id"], id.as_str(), "{r}");
+        }
+    }
+    for id in &ids {
+        assert_eq!(env.outcome(id).await?, json!([id]));
+        env.assert_replays(id).await?;
+    }
+    assert!(env.rehydrations() >= 4, "{}", env.rehydrations());
+    env.stop().await;
+    Ok(())
+}
+
 /// A pool on the grace queue with its own worker ID.
 async fn grace_pool(env: &Env, worker: &str) -> anyhow::Result<baton_actors::worker::PoolHandle> {
     baton_actors::worker::start_pool(
@@ -1190,7 +1219,11 @@ async fn worker_shutdown_with_a_grace_period() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_under_the_orchestrator_loses_no_acknowledged_workflow() -> anyhow::Result<()> {
     let faults = baton_actors::storage::StorageFaults::none();
-    let env = Env::start_full(NodeOptions::new("").evict_idle, Some(faults.clone())).await?;
+    let env = Env::start_full(NodeOptions::new("").evict_idle, |o| NodeOptions {
+        storage_faults: Some(faults.clone()),
+        ..o
+    })
+    .await?;
     let mut acknowledged = Vec::new();
     let mut refused = 0;
     for i in 0..24 {
