@@ -162,7 +162,12 @@ impl Orchestrator {
             .buffer_unordered(RECOVERY_CONCURRENCY);
         while let Some(r) = ready.next().await {
             let (run, history) = r?;
-            tracing::debug!(workflow_id = %run.workflow_id, run_id = %run.run_id, events = history.len(), "recovering run");
+            // One line per run, unless there are so many that they would drown the log.
+            if recovered <= RECOVERY_LOG_EACH {
+                tracing::info!(workflow_id = %run.workflow_id, run_id = %run.run_id, events = history.len(), "recovering run");
+            } else {
+                tracing::debug!(workflow_id = %run.workflow_id, run_id = %run.run_id, events = history.len(), "recovering run");
+            }
             supervisor
                 .send_message(SupervisorMsg::Spawn(ExecArgs {
                     rt: rt.clone(),
@@ -836,6 +841,8 @@ async fn query(rt: &Runtime, req: QueryRequest, f: Format) -> Reply {
 
 /// Open runs whose mirror is checked at once during recovery.
 const RECOVERY_CONCURRENCY: usize = 64;
+/// Up to this many open runs, recovery logs each at info level (beyond it, at debug).
+const RECOVERY_LOG_EACH: usize = 1_000;
 
 /// Room left in a history page's message for the reply's envelope and headers.
 const HISTORY_PAGE_ENVELOPE: usize = 64 * 1024;
