@@ -24,7 +24,7 @@ use async_nats::{HeaderMap, RequestErrorKind};
 use baton_transport::{
     codec::{CONTENT_TYPE, JSON},
     subject,
-    wire::{Reply, ResultReply, StartReply, StartRequest},
+    wire::{HistoryPages, HistoryRequest, Reply, ResultReply, StartReply, StartRequest},
 };
 use bytes::Bytes;
 use serde_json::json;
@@ -656,42 +656,25 @@ impl Client {
         workflow_id: &str,
         max_bytes: Option<u64>,
     ) -> Result<serde_json::Value> {
-        let mut request = json!({"workflow_id": workflow_id});
-        if let Some(b) = max_bytes {
-            request["max_bytes"] = json!(b);
-        }
-        let mut whole: Option<serde_json::Value> = None;
-        for pages in 1.. {
+        let mut pages = HistoryPages::new(HistoryRequest {
+            workflow_id: workflow_id.into(),
+            max_bytes,
+            ..Default::default()
+        });
+        while let Some(request) = pages.next_request() {
             let page = self
-                .request_json(subject::API_HISTORY, &request, REQUEST_TIMEOUT)
+                .request_json(
+                    subject::API_HISTORY,
+                    &serde_json::to_value(request)?,
+                    REQUEST_TIMEOUT,
+                )
                 .await?;
             if page.get("error").is_some() {
                 return Ok(page);
             }
-            let events = page["events"].as_array().cloned().unwrap_or_default();
-            let next = page.get("next_event").cloned();
-            match &mut whole {
-                None => whole = Some(page),
-                Some(w) => w["events"]
-                    .as_array_mut()
-                    .ok_or_else(|| anyhow!("a history page without events"))?
-                    .extend(events),
-            }
-            let w = whole.as_mut().expect("set above");
-            w["pages"] = json!(pages);
-            match next {
-                Some(n) if !n.is_null() => {
-                    request["run_id"] = w["run_id"].clone();
-                    request["from_event"] = n;
-                }
-                _ => break,
-            }
+            pages.add(page)?;
         }
-        let mut w = whole.expect("at least one page");
-        if let Some(o) = w.as_object_mut() {
-            o.remove("next_event");
-        }
-        Ok(w)
+        Ok(pages.into_whole().expect("at least one page"))
     }
 
     /// The `type`s of the workflow's history events, in order.

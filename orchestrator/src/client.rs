@@ -8,7 +8,7 @@ use async_nats::HeaderMap;
 use baton_transport::{
     codec::{CONTENT_TYPE, JSON},
     subject,
-    wire::{ApiError, Reply, ResultReply, StartReply, StartRequest},
+    wire::{ApiError, HistoryPages, HistoryRequest, Reply, ResultReply, StartReply, StartRequest},
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -133,32 +133,17 @@ impl EdgeClient {
         &self,
         workflow_id: &str,
     ) -> anyhow::Result<Result<serde_json::Value, ApiError>> {
-        let mut request = serde_json::json!({"workflow_id": workflow_id});
-        let mut whole: Option<serde_json::Value> = None;
-        loop {
-            let mut page = match self.api("history", request.clone()).await? {
-                Ok(page) => page,
+        let mut pages = HistoryPages::new(HistoryRequest {
+            workflow_id: workflow_id.into(),
+            ..Default::default()
+        });
+        while let Some(request) = pages.next_request() {
+            match self.api("history", serde_json::to_value(request)?).await? {
+                Ok(page) => pages.add(page)?,
                 Err(e) => return Ok(Err(e)),
-            };
-            let next = page
-                .as_object_mut()
-                .and_then(|o| o.remove("next_event"))
-                .filter(|n| !n.is_null());
-            match &mut whole {
-                None => whole = Some(page),
-                Some(w) => {
-                    let more = page["events"].as_array().cloned().unwrap_or_default();
-                    if let Some(events) = w["events"].as_array_mut() {
-                        events.extend(more);
-                    }
-                }
             }
-            let Some(next) = next else {
-                return Ok(Ok(whole.expect("set above")));
-            };
-            request["run_id"] = whole.as_ref().expect("set above")["run_id"].clone();
-            request["from_event"] = next;
         }
+        Ok(Ok(pages.into_whole().expect("at least one page")))
     }
 
     /// Any other API call (`describe`, `list`, a single `history` page).

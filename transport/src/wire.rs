@@ -317,6 +317,81 @@ pub struct HistoryReply {
     pub next_event: Option<u64>,
 }
 
+/// The client side of a paged history read: asks for page after page and joins them into
+/// one reply, `{workflow_id, run_id, events, pages}`.
+///
+/// ```text
+/// let mut pages = HistoryPages::new(HistoryRequest { workflow_id, ..Default::default() });
+/// while let Some(request) = pages.next_request() { pages.add(send(request)?)?; }
+/// let whole = pages.into_whole();
+/// ```
+#[derive(Debug, Clone)]
+pub struct HistoryPages {
+    next: Option<HistoryRequest>,
+    whole: Option<serde_json::Value>,
+    pages: u64,
+}
+
+impl HistoryPages {
+    /// Starts with the request for the first page.
+    pub fn new(first: HistoryRequest) -> Self {
+        HistoryPages {
+            next: Some(first),
+            whole: None,
+            pages: 0,
+        }
+    }
+
+    /// The request for the next page; `None` once the last page is in.
+    pub fn next_request(&self) -> Option<&HistoryRequest> {
+        self.next.as_ref()
+    }
+
+    /// Joins one reply page (a [`HistoryReply`] as JSON). Later pages ask for the first
+    /// page's run, so a continue-as-new between two pages cannot mix two runs.
+    pub fn add(&mut self, mut page: serde_json::Value) -> Result<(), crate::Error> {
+        let Some(mut request) = self.next.take() else {
+            return Err(crate::Error::Decode("a history page after the last".into()));
+        };
+        let next = page
+            .as_object_mut()
+            .and_then(|o| o.remove("next_event"))
+            .filter(|n| !n.is_null())
+            .map(|n| {
+                n.as_u64()
+                    .ok_or_else(|| crate::Error::Decode(format!("next_event {n} is no event ID")))
+            })
+            .transpose()?;
+        let whole = match &mut self.whole {
+            None => self.whole.insert(page),
+            Some(whole) => {
+                let events = match page.get_mut("events").map(serde_json::Value::take) {
+                    Some(serde_json::Value::Array(events)) => events,
+                    _ => return Err(crate::Error::Decode("a history page without events".into())),
+                };
+                whole["events"]
+                    .as_array_mut()
+                    .ok_or_else(|| crate::Error::Decode("a history page without events".into()))?
+                    .extend(events);
+                whole
+            }
+        };
+        self.pages += 1;
+        whole["pages"] = self.pages.into();
+        if let Some(from) = next {
+            request.run_id = whole["run_id"].as_str().map(str::to_owned);
+            request.from_event = Some(from);
+            self.next = Some(request);
+        }
+        Ok(())
+    }
+
+    /// The joined reply; `None` if no page was added.
+    pub fn into_whole(self) -> Option<serde_json::Value> {
+        self.whole
+    }
+}
+
 /// `baton.api.list`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -421,6 +496,41 @@ pub struct ActivityReport {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn history_pages_join_and_follow_the_first_run() {
+        let mut pages = HistoryPages::new(HistoryRequest {
+            workflow_id: "w".into(),
+            max_bytes: Some(10),
+            ..Default::default()
+        });
+        assert_eq!(pages.next_request().unwrap().from_event, None);
+        pages
+            .add(json!({"workflow_id": "w", "run_id": "r1", "events": [{"id": 1}, {"id": 2}], "next_event": 3}))
+            .unwrap();
+        let second = pages.next_request().unwrap().clone();
+        assert_eq!(second.run_id.as_deref(), Some("r1"));
+        assert_eq!(second.from_event, Some(3));
+        assert_eq!(second.max_bytes, Some(10));
+        pages
+            .add(json!({"workflow_id": "w", "run_id": "r1", "events": [{"id": 3}]}))
+            .unwrap();
+        assert!(pages.next_request().is_none());
+        assert!(
+            pages.add(json!({"events": []})).is_err(),
+            "a page after the last"
+        );
+        assert_eq!(
+            pages.into_whole().unwrap(),
+            json!({"workflow_id": "w", "run_id": "r1", "events": [{"id": 1}, {"id": 2}, {"id": 3}], "pages": 2})
+        );
+
+        let mut bad = HistoryPages::new(HistoryRequest::default());
+        assert!(
+            bad.add(json!({"run_id": "r", "events": [], "next_event": "x"}))
+                .is_err()
+        );
+    }
 
     #[test]
     fn start_reply_matches_the_documented_json() {
