@@ -23,6 +23,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use async_nats::{HeaderMap, RequestErrorKind};
 use baton_transport::{
     codec::{CONTENT_TYPE, JSON},
+    jetstream::local_server_config,
     subject,
     wire::{HistoryPages, HistoryRequest, Reply, ResultReply, StartReply, StartRequest},
 };
@@ -154,13 +155,7 @@ impl NatsServer {
         let port = free_port();
         let store = dir.path().join("js");
         let config = dir.path().join("nats.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n",
-                store = store.display().to_string()
-            ),
-        )?;
+        std::fs::write(&config, local_server_config(port, &store))?;
         let log = dir.path().join("nats.log");
         let mut server = NatsServer {
             child: None,

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use baton_transport::jetstream::local_server_config;
 
 /// A nats-server child process, stopped on drop.
 pub struct NatsServer {
@@ -30,12 +31,7 @@ impl NatsServer {
         std::fs::create_dir_all(data_dir)?;
         let store = data_dir.join("jetstream");
         let config = data_dir.join("nats.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n"
-            ),
-        )?;
+        std::fs::write(&config, local_server_config(port, &store))?;
         let log = std::fs::File::create(data_dir.join("nats-server.log"))?;
         let mut command = Command::new(binary);
         command

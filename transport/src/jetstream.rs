@@ -10,7 +10,7 @@
 //! Durability of each write comes from the server's `sync_interval` (Baton's dev server
 //! uses `always`) and, in production, from R3 replication.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use async_nats::jetstream::{
     self,
@@ -19,6 +19,17 @@ use async_nats::jetstream::{
 };
 
 use crate::{Error, subject};
+
+/// The configuration of a local nats-server as `baton dev`, the tests and the benchmarks
+/// run it: loopback on `port`, messages up to 8 MB, JetStream stored under `store_dir` with
+/// `sync_interval: always` (every write fsync'd before it is acknowledged, so a SIGKILL of
+/// the server loses nothing it acknowledged).
+pub fn local_server_config(port: u16, store_dir: &Path) -> String {
+    format!(
+        "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
+        store_dir.display().to_string()
+    )
+}
 
 /// How long a worker may hold a task without acking or signalling progress before JetStream
 /// redelivers it to another worker. Pools signal progress for running tasks every second,
@@ -287,4 +298,18 @@ pub fn heartbeat_key(run_id: &str, seq: u32) -> String {
 /// a no-op.
 pub fn task_msg_id(run_id: &str, seq: u32, attempt: u32) -> String {
     format!("{run_id}:{seq}:{attempt}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_server_config_fsyncs_every_write_under_the_store() {
+        let config = local_server_config(4222, Path::new("/data/my js"));
+        assert_eq!(
+            config,
+            "listen: 127.0.0.1:4222\nmax_payload: 8MB\njetstream {\n  store_dir: \"/data/my js\"\n  sync_interval: always\n}\n"
+        );
+    }
 }

@@ -11,9 +11,14 @@
 //! 3. Samples the orchestrator's RSS once all N wait, and again after its idle-eviction
 //!    window (`--evict-idle-ms`, the orchestrator's default 60 s unless given).
 //! 4. `kill -9`s the orchestrator, waits until the timers are due, restarts it on the same
-//!    journal, and measures the time from the restart to the first completed run and to
-//!    the last, with the orchestrator's RSS and peak RSS during the recovery.
-//! 5. Reads back every result and checks it (`fired_ms >= wake_at_ms`).
+//!    journal, waits until no run is open, and samples the orchestrator's RSS and peak RSS
+//!    during the recovery.
+//! 5. Reads back every result and checks it (`fired_ms >= wake_at_ms`), and every run's
+//!    close time (`closed_ms`, from `baton.api.describe`): the time from the restart (the
+//!    moment the process is spawned) to the first, the median and the last close.
+//!
+//! `TIMERBENCH_LOG` overrides the orchestrator's `RUST_LOG` (its log is
+//! `orchestrator-<n>.log` in the data directory).
 
 use std::{
     path::PathBuf,
@@ -23,6 +28,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use baton_benches::proc_stats;
+use baton_transport::jetstream::local_server_config;
 use clap::Parser;
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -86,13 +92,7 @@ fn spawn_nats(home: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<(
         .local_addr()?
         .port();
     let config = dir.join("nats.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
-            dir.join("jetstream")
-        ),
-    )?;
+    std::fs::write(&config, local_server_config(port, &dir.join("jetstream")))?;
     let child = Command::new(&bin)
         .arg("-c")
         .arg(&config)
@@ -128,7 +128,12 @@ fn spawn_orchestrator(
         cmd.args(["--evict-idle-ms", &ms.to_string()]);
     }
     let child = cmd
-        .env("RUST_LOG", "warn,baton_actors::node=info")
+        .env(
+            "RUST_LOG",
+            std::env::var("TIMERBENCH_LOG").unwrap_or_else(|_| {
+                "warn,baton_actors::node=info,baton_actors::journal=info".into()
+            }),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(
@@ -280,76 +285,68 @@ async fn main() -> anyhow::Result<()> {
     let orch = spawn_orchestrator(&args, &url, dir, 2)?;
     let pid = orch.0.id();
     let mut peak_rss = 0u64;
-    let mut first = None;
-    let all = loop {
+    // Polled only to know when to go on: the figures are the runs' own close times.
+    loop {
         if let Some(s) = proc_stats(pid) {
             peak_rss = peak_rss.max(s.peak_rss);
         }
-        if first.is_none()
-            && let Ok(Ok(done)) =
-                tokio::time::timeout(Duration::from_secs(5), listed(&nc, "completed", 1)).await
-            && let Some(w) = done.first()
-        {
-            first = Some((t_restart.elapsed(), w["closed_ms"].as_u64().unwrap_or(0)));
-        }
-        if first.is_some()
-            && let Ok(Ok(open)) =
-                tokio::time::timeout(Duration::from_secs(5), listed(&nc, "running", 1)).await
+        if let Ok(Ok(open)) =
+            tokio::time::timeout(Duration::from_secs(5), listed(&nc, "running", 1)).await
             && open.is_empty()
         {
-            break t_restart.elapsed();
+            break;
         }
         if t_restart.elapsed() > Duration::from_secs(1800) {
             bail!("not every run completed within 30 min of the restart");
         }
-        tokio::time::sleep(Duration::from_millis(if first.is_some() {
-            250
-        } else {
-            10
-        }))
-        .await;
-    };
-    let (first_seen, first_closed_ms) = first.expect("set before the loop ends");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let after = proc_stats(pid).context("orchestrator gone")?;
     peak_rss = peak_rss.max(after.peak_rss);
 
-    // Phase 3: every result, checked.
-    let bad = futures::stream::iter(probe..n)
+    // Phase 3: every result, checked, and every run's close time.
+    let checked = futures::stream::iter(probe..n)
         .map(|i| {
             let nc = nc.clone();
             async move {
-                let r = request(
-                    &nc,
-                    "baton.api.result",
-                    &json!({"workflow_id": format!("timer-{i}")}),
-                )
-                .await;
+                let id = format!("timer-{i}");
+                let r = request(&nc, "baton.api.result", &json!({"workflow_id": id})).await;
                 match r {
                     Ok(v)
                         if v["status"] == "completed"
                             && v["output"]["wake_at_ms"] == json!(wake_at_ms)
                             && v["output"]["fired_ms"]
                                 .as_u64()
-                                .is_some_and(|f| f >= wake_at_ms) =>
-                    {
-                        None
+                                .is_some_and(|f| f >= wake_at_ms) => {}
+                    other => return Err(format!("{id}: {other:?}")),
+                }
+                match request(&nc, "baton.api.describe", &json!({"workflow_id": id})).await {
+                    Ok(v) if v["closed_ms"].is_u64() => {
+                        Ok(v["closed_ms"].as_u64().expect("checked"))
                     }
-                    other => Some(format!("timer-{i}: {other:?}")),
+                    other => Err(format!("{id}: no close time: {other:?}")),
                 }
             }
         })
         .buffer_unordered(args.concurrency)
-        .filter_map(futures::future::ready)
         .collect::<Vec<_>>()
         .await;
-    if let Some(b) = bad.first() {
+    let (mut closed, bad): (Vec<_>, Vec<_>) = checked.into_iter().partition(Result::is_ok);
+    if let Some(Err(b)) = bad.first() {
         bail!("{} of {waiting} results wrong, e.g. {b}", bad.len());
     }
+    let mut closed: Vec<u64> = closed.drain(..).map(|c| c.expect("ok")).collect();
+    closed.sort_unstable();
+    let since_restart = |ms: u64| ms.saturating_sub(restart_ms) as f64;
+    let (first, median, last) = (
+        since_restart(closed[0]),
+        since_restart(closed[closed.len() / 2]),
+        since_restart(closed[closed.len() - 1]),
+    );
     println!(
-        "after the restart: first run completed {:.0} ms after the restart (seen at {:.0} ms); all {waiting} completed at {:.1} s; every result checked",
-        first_closed_ms.saturating_sub(restart_ms) as f64,
-        first_seen.as_secs_f64() * 1e3,
-        all.as_secs_f64()
+        "after the restart: first run completed {first:.0} ms after the restart, half by {:.1} s, all {waiting} by {:.1} s; every result checked",
+        median / 1e3,
+        last / 1e3
     );
     println!(
         "orchestrator after recovery: RSS {:.0} MiB, peak {:.0} MiB",
@@ -357,17 +354,17 @@ async fn main() -> anyhow::Result<()> {
         mib(peak_rss)
     );
     println!(
-        "| open executions | starts/s | RSS all waiting | RSS after {} s | restart -> first completed | restart -> all completed | peak RSS in recovery |",
+        "| open executions | starts/s | RSS all waiting | RSS after {} s | restart -> first completed | half completed | all completed | peak RSS in recovery |",
         args.settle_s
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     println!(
-        "| {waiting} | {:.0} | {:.0} MiB | {:.0} MiB | {:.0} ms | {:.1} s | {:.0} MiB |",
+        "| {waiting} | {:.0} | {:.0} MiB | {:.0} MiB | {first:.0} ms | {:.1} s | {:.1} s | {:.0} MiB |",
         n as f64 / start_s,
         mib(started.rss),
         mib(settled.rss),
-        first_closed_ms.saturating_sub(restart_ms) as f64,
-        all.as_secs_f64(),
+        median / 1e3,
+        last / 1e3,
         mib(peak_rss)
     );
     drop(orch);
