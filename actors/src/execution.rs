@@ -845,29 +845,20 @@ impl Actor for ExecutionActor {
         msg: ExecMsg,
         state: &mut ExecState,
     ) -> Result<(), ActorProcessingErr> {
-        if state.blocked.is_some() {
-            match msg {
-                ExecMsg::Report(_, reply)
+        let msg = match msg {
+            // A blocked run can still be terminated; nothing else moves it.
+            ExecMsg::Terminate { .. } => msg,
+            _ if state.blocked.is_some() => {
+                if let ExecMsg::Report(_, reply)
                 | ExecMsg::Signal { reply, .. }
-                | ExecMsg::Cancel { reply, .. } => {
+                | ExecMsg::Cancel { reply, .. } = msg
+                {
                     let _ = reply.send(Err("execution blocked by non-determinism".into()));
                 }
-                // A blocked run can still be terminated.
-                ExecMsg::Terminate {
-                    kind,
-                    reason,
-                    reply,
-                } => {
-                    let r = state.terminate(kind, reason, &myself).await;
-                    if let Some(reply) = reply {
-                        let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-                    }
-                    r?;
-                }
-                _ => {}
+                return Ok(());
             }
-            return Ok(());
-        }
+            _ => msg,
+        };
         match msg {
             ExecMsg::Report(report, reply) => {
                 let r = state.on_report(report, &myself).await;

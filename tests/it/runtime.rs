@@ -1,6 +1,7 @@
 //! The runtime in-process with workflows of the test's own, against a real nats-server and
-//! a real redb journal: durable timers across an orchestrator restart, and the
-//! schedule-to-close deadline of an activity no worker serves.
+//! a real redb journal: durable timers across an orchestrator restart, the
+//! schedule-to-close deadline of an activity no worker serves, and a run whose code changed
+//! under it (blocked by non-determinism: refuses signals, can be terminated).
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -62,7 +63,33 @@ async fn rough(ctx: WorkflowContext, ms: u64) -> Result<(u32, u64), WorkflowErro
     Ok((attempt, slept))
 }
 
+/// Waits on a long durable timer: the code of `patient` before a change.
+async fn patient(ctx: WorkflowContext, _: ()) -> Result<u32, WorkflowError> {
+    ctx.sleep(Duration::from_secs(600)).await?;
+    Ok(1)
+}
+
+/// `patient` after a change its running executions cannot replay: an activity where the
+/// timer was.
+async fn patient_changed(ctx: WorkflowContext, _: ()) -> Result<u32, WorkflowError> {
+    ctx.activity(&ECHO, &"x".to_string()).await?;
+    Ok(2)
+}
+
 fn registry() -> Registry {
+    let mut r = common_registry();
+    r.workflow("patient", patient).unwrap();
+    r
+}
+
+/// The test registry with `patient` changed.
+fn registry_changed() -> Registry {
+    let mut r = common_registry();
+    r.workflow("patient", patient_changed).unwrap();
+    r
+}
+
+fn common_registry() -> Registry {
     let retry = RetryPolicy::exponential(Duration::from_millis(200), 2.0, 5);
     let mut r = Registry::new();
     r.workflow("nap", nap).unwrap();
@@ -321,6 +348,53 @@ async fn signals_and_queries_survive_a_restart() -> anyhow::Result<()> {
     assert_eq!(
         of_type(&events(&client, "count-1").await?, "signal_received").len(),
         4
+    );
+    node.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_blocked_by_changed_code_refuses_signals_and_can_be_terminated() -> anyhow::Result<()>
+{
+    let nats = NatsServer::start().await?;
+    let nc = nats.connect().await?;
+    let dir = tempfile::tempdir()?;
+    let client = Client::new(nc.clone());
+    let node = orchestrator(&nc, dir.path()).await;
+    client
+        .start("patient", Some("patient-1"), json!(null))
+        .await?
+        .into_result()
+        .unwrap();
+    wait_for_events(&client, "patient-1", "timer_started", 1).await?;
+    node.stop().await;
+
+    // The code changes under the waiting run: its replay no longer matches the journal.
+    let node = start_node(&nc, dir.path(), registry_changed).await;
+    assert_eq!(node.recovered(), 1);
+    let signal = json!({"workflow_id": "patient-1", "name": "poke", "input": 1});
+    let refused = client
+        .request_json("baton.api.signal", &signal, baton_tests::REQUEST_TIMEOUT)
+        .await?;
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("non-determinism")),
+        "{refused}"
+    );
+    // Nothing was recorded for the refused signal; a terminate still closes the run.
+    let terminate = json!({"workflow_id": "patient-1", "reason": "code changed"});
+    let closed = client
+        .request_json(
+            "baton.api.terminate",
+            &terminate,
+            baton_tests::REQUEST_TIMEOUT,
+        )
+        .await?;
+    assert!(closed.get("error").is_none(), "{closed}");
+    assert_eq!(
+        client.history_types("patient-1").await?,
+        ["workflow_started", "timer_started", "workflow_terminated"]
     );
     node.stop().await;
     Ok(())
