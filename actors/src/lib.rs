@@ -12,8 +12,11 @@
 //! - execution.rs: one ractor actor per execution under a supervisor.
 //! - [`node`]: the orchestrator node: start and API handlers, the report feed, recovery.
 //! - [`worker`]: worker pools (ractor) supervising one runner actor per running activity.
+//! - [`batching`]: dynamic batching of concurrent activity attempts inside a worker (one
+//!   model forward pass for many workflows' activities).
 
 mod activity;
+pub mod batching;
 mod context;
 mod error;
 mod execution;

@@ -16,6 +16,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::{Context, bail};
 use baton_actors::{
     Registry,
+    batching::BatchOptions,
     node::{NodeOptions, Orchestrator},
     worker::{PoolHandle, PoolOptions, start_pool},
 };
@@ -79,6 +80,8 @@ enum Cmd {
         /// up to this many milliseconds; then stop (their tasks go to other workers).
         #[arg(long, default_value_t = 10_000)]
         shutdown_grace_ms: u64,
+        #[command(flatten)]
+        batching: BatchArgs,
     },
     /// Start a workflow.
     Start {
@@ -232,6 +235,29 @@ impl CacheArgs {
     }
 }
 
+/// How a worker's `run_inference` attempts share forward passes of the model.
+#[derive(clap::Args, Clone, Debug)]
+struct BatchArgs {
+    /// Most `run_inference` texts embedded in one forward pass (1: one at a time). The
+    /// attempts running at once in this worker (up to its concurrency) form the batches.
+    #[arg(long, env = "BATON_GPU_MAX_BATCH", default_value_t = BatchOptions::default().max_batch)]
+    gpu_max_batch: usize,
+    /// How long a batch that is not full waits for more attempts, in milliseconds (0: it
+    /// takes the attempts waiting and goes; batches still grow under load, while the
+    /// model runs the one before).
+    #[arg(long, env = "BATON_GPU_BATCH_WAIT_MS", default_value_t = 0)]
+    gpu_batch_wait_ms: u64,
+}
+
+impl BatchArgs {
+    fn options(&self) -> BatchOptions {
+        BatchOptions {
+            max_batch: self.gpu_max_batch,
+            max_wait: Duration::from_millis(self.gpu_batch_wait_ms),
+        }
+    }
+}
+
 /// Arguments of `baton dev` and `baton demo`.
 #[derive(clap::Args, Clone)]
 pub struct DevArgs {
@@ -258,6 +284,8 @@ pub struct DevArgs {
     index_dir: Option<PathBuf>,
     #[command(flatten)]
     cache: CacheArgs,
+    #[command(flatten)]
+    batching: BatchArgs,
     /// `baton demo` only: sequential runs of each workflow for the latency figures (0: none).
     #[arg(long, default_value_t = 20)]
     latency_runs: usize,
@@ -285,8 +313,8 @@ pub fn baton_home() -> PathBuf {
 }
 
 /// The process's models (loaded lazily) and, once [`open_index`] set it, its vector index.
-fn models() -> Arc<Models> {
-    Arc::new(Models::new(baton_home()))
+fn models(batching: BatchOptions) -> Arc<Models> {
+    Arc::new(Models::new(baton_home()).with_batching(batching))
 }
 
 fn registry(models: &Arc<Models>) -> anyhow::Result<Registry> {
@@ -387,7 +415,7 @@ impl Dev {
             }
         };
         let client = connect(&url).await?;
-        let models = models();
+        let models = models(args.batching.options());
         // Fine-tuned heads, checkpoints and datasets live in JetStream (KV + object store).
         models.attach_jetstream(async_nats::jetstream::new(client.clone()));
         let index_dir = args
@@ -523,7 +551,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // failures, power loss); off unless BATON_CHAOS_FAULTS=1.
             let storage_faults = faults::enabled().then(faults::orchestrator_storage_faults);
             options.storage_faults = storage_faults.clone();
-            let node = Orchestrator::start(client.clone(), registry(&models())?, options).await?;
+            let node = Orchestrator::start(
+                client.clone(),
+                registry(&models(BatchOptions::default()))?,
+                options,
+            )
+            .await?;
             let faults_hook = match storage_faults {
                 Some(f) => Some(faults::serve_orchestrator(client, f).await?),
                 None => None,
@@ -540,9 +573,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             concurrency,
             index_dir,
             shutdown_grace_ms,
+            batching,
         } => {
             let client = connect(&nats.nats_url).await?;
-            let models = models();
+            let models = models(batching.options());
             models.attach_jetstream(async_nats::jetstream::new(client.clone()));
             let mut search = None;
             if queue == ingest::INDEX_QUEUE {
@@ -677,8 +711,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&r["result"])?;
         }
         Cmd::Replay { file } => {
-            let report =
-                baton_orchestrator::replay_check::replay_file(&registry(&models())?, &file)?;
+            let report = baton_orchestrator::replay_check::replay_file(
+                &registry(&models(BatchOptions::default()))?,
+                &file,
+            )?;
             println!(
                 "{}: {} events of {} replayed against this build: deterministic; {}",
                 file.display(),

@@ -65,6 +65,11 @@ struct Args {
     /// Concurrency of the spawned dev's GPU pool.
     #[arg(long, default_value_t = 64)]
     gpu_concurrency: usize,
+    /// The spawned dev's `--gpu-max-batch` (most `run_inference` texts per forward pass);
+    /// several (comma-separated) measure everything once per value, each on a fresh dev,
+    /// and compare their throughputs (e.g. `1,32`: one at a time against batches of 32).
+    #[arg(long, value_delimiter = ',')]
+    gpu_max_batch: Vec<usize>,
     /// Raw JetStream round trips measured per concurrency level (0: skip).
     #[arg(long, default_value_t = 2000)]
     raw: usize,
@@ -172,7 +177,7 @@ impl Drop for Dev {
     }
 }
 
-fn spawn_dev(args: &Args) -> anyhow::Result<Dev> {
+fn spawn_dev(args: &Args, gpu_max_batch: Option<usize>) -> anyhow::Result<Dev> {
     let bin = match &args.baton_bin {
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("baton"),
@@ -181,11 +186,16 @@ fn spawn_dev(args: &Args) -> anyhow::Result<Dev> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let child = Command::new(&bin)
+    let mut command = Command::new(&bin);
+    command
         .args(["dev", "--nats-port", &port.to_string(), "--data-dir"])
         .arg(dir.path())
         .args(["--cpu-concurrency", &args.cpu_concurrency.to_string()])
-        .args(["--gpu-concurrency", &args.gpu_concurrency.to_string()])
+        .args(["--gpu-concurrency", &args.gpu_concurrency.to_string()]);
+    if let Some(b) = gpu_max_batch {
+        command.args(["--gpu-max-batch", &b.to_string()]);
+    }
+    let child = command
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -488,9 +498,83 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    if args.nats_url.is_some() && !args.gpu_max_batch.is_empty() {
+        bail!("--gpu-max-batch sets up the spawned dev; with --nats-url set it on the workers");
+    }
+    let batches: Vec<Option<usize>> = if args.gpu_max_batch.is_empty() {
+        vec![None]
+    } else {
+        args.gpu_max_batch.iter().copied().map(Some).collect()
+    };
+    let mut reports = Vec::new();
+    for &gpu_max_batch in &batches {
+        if let Some(b) = gpu_max_batch {
+            println!("\n=== baton dev --gpu-max-batch {b} ===");
+        }
+        let mut report = measure(&args, bare.as_ref(), gpu_max_batch).await?;
+        report["gpu_max_batch"] = json!(gpu_max_batch);
+        reports.push(report);
+    }
+    if reports.len() > 1 {
+        print_batch_comparison(&reports);
+    }
+    if let Some(path) = &args.json {
+        let all = if reports.len() == 1 {
+            reports.pop().expect("one")
+        } else {
+            json!({ "by_gpu_max_batch": reports })
+        };
+        std::fs::write(path, serde_json::to_vec_pretty(&all)?)?;
+    }
+    Ok(())
+}
+
+/// Throughput per workload and concurrency for each `--gpu-max-batch`, as a ratio to the
+/// first value's (each the median of its runs).
+fn print_batch_comparison(reports: &[Value]) {
+    println!("\nthroughput by --gpu-max-batch (median workflows/s; ratio to the first):");
+    let points = |r: &Value| -> Vec<(String, u64, f64)> {
+        r["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let mut t: Vec<f64> = p["workflows_per_s"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(Value::as_f64)
+                    .collect();
+                t.sort_by(f64::total_cmp);
+                Some((
+                    p["workload"].as_str()?.to_string(),
+                    p["concurrency"].as_u64()?,
+                    *t.get(t.len() / 2)?,
+                ))
+            })
+            .collect()
+    };
+    let base = points(&reports[0]);
+    for r in reports {
+        let b = r["gpu_max_batch"].as_u64().unwrap_or(0);
+        for ((w, c, t), (_, _, t0)) in points(r).iter().zip(&base) {
+            println!(
+                "  gpu-max-batch {b:<4} {w:<18} C={c:<4} {t:>8.1}/s   x{:.2}",
+                t / t0
+            );
+        }
+    }
+}
+
+/// Measures every workload and concurrency against a fresh `baton dev` (or `--nats-url`),
+/// printing the figures; returns them as JSON.
+async fn measure(
+    args: &Args,
+    bare: Option<&Arc<Embedder>>,
+    gpu_max_batch: Option<usize>,
+) -> anyhow::Result<Value> {
     let dev = match &args.nats_url {
         Some(_) => None,
-        None => Some(spawn_dev(&args)?),
+        None => Some(spawn_dev(args, gpu_max_batch)?),
     };
     let url = args
         .nats_url
@@ -548,7 +632,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut comparisons = Vec::new();
     for workload in &args.workload {
-        let bare = bare.as_ref().filter(|_| workload == "batch_embed");
+        let bare = bare.filter(|_| workload == "batch_embed");
         for &c in &args.concurrency {
             let (mut tput, mut p50, mut p90, mut p99, mut cpu) =
                 (vec![], vec![], vec![], vec![], vec![]);
@@ -677,13 +761,7 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    if let Some(path) = &args.json {
-        std::fs::write(
-            path,
-            serde_json::to_vec_pretty(
-                &json!({"machine": machine, "results": report, "raw_jetstream": raw_report, "peak_rss_bytes": rss}),
-            )?,
-        )?;
-    }
-    Ok(())
+    Ok(
+        json!({"machine": machine, "results": report, "raw_jetstream": raw_report, "peak_rss_bytes": rss}),
+    )
 }

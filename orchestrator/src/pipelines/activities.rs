@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use baton_actors::{ActivityContext, ActivityDef, ActivityError};
+use baton_actors::{ActivityContext, ActivityDef, ActivityError, batching::Batcher};
 use serde::{Deserialize, Serialize};
 
 use super::models::Models;
@@ -172,24 +172,34 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| inference_error(format!("the blocking task did not finish: {e}")))?
 }
 
-/// [`RUN_INFERENCE`]'s implementation: embeds the text and classifies it with the latest
-/// registered fine-tuned head of the `sentiment` model ([`Models::latest_head`], cached
-/// for two seconds) when there is one, else against the sentiment prototypes
+/// The forward passes behind [`RUN_INFERENCE`]: the texts of the attempts running at once
+/// in this worker (from many workflows) are embedded together, up to
+/// [`Models::batching`]'s batch size a pass. Each attempt stays its own activity.
+pub fn embedding_batcher(models: Arc<Models>) -> Batcher<String, Vec<f32>> {
+    Batcher::new(models.batching(), move |texts: Vec<String>| {
+        let embedder = models.embedder()?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        embedder.embed(&refs).map_err(inference_error)
+    })
+}
+
+/// [`RUN_INFERENCE`]'s implementation: embeds the text (in a batch with the other attempts
+/// running at once, through `embeds`) and classifies it with the latest registered
+/// fine-tuned head of the `sentiment` model ([`Models::latest_head`], cached for two
+/// seconds) when there is one, else against the sentiment prototypes
 /// ([`Sentiment`](super::Sentiment), `model: "zero-shot"`). Heartbeats before and after the
 /// model runs. The first call in a process loads the model.
 pub async fn run_inference(
     models: Arc<Models>,
+    embeds: Arc<Batcher<String, Vec<f32>>>,
     ctx: ActivityContext,
     text: String,
 ) -> Result<Inference, ActivityError> {
     ctx.heartbeat();
     let fine = models.latest_head(super::finetune::SENTIMENT_MODEL).await?;
+    let vector = embeds.call(text.clone()).await?;
     let inference = blocking(move || {
-        let embedder = models.embedder()?;
-        let vectors = embedder.embed(&[text.as_str()]).map_err(inference_error)?;
-        let vector = vectors
-            .first()
-            .ok_or_else(|| inference_error("the model returned no vector"))?;
+        let vector = &vector;
         let (label, score, model) = match fine.as_deref() {
             Some(f) if f.head.dim == vector.len() => {
                 let (class, p) = f.head.predict(vector);

@@ -30,7 +30,7 @@ use baton_actors::{ActivityOptions, Registry, RetryPolicy};
 pub use activities::{
     COMPUTE_EMBEDDINGS, EMBED_CHUNK, Embeddings, Inference, MAX_BATCH_TEXTS, MAX_TEXT_CHARS,
     MODEL_NAME, PREPROCESS, PREPROCESS_BATCH, PreprocessedBatch, Progress, RUN_INFERENCE,
-    VALIDATE_INPUT, compute_embeddings, normalize, preprocess, preprocess_batch,
+    VALIDATE_INPUT, compute_embeddings, embedding_batcher, normalize, preprocess, preprocess_batch,
     preprocess_batch_texts, run_inference, validate_input, validate_text,
 };
 pub use models::{
@@ -120,10 +120,11 @@ pub fn factory(models: Arc<Models>) -> anyhow::Result<Registry> {
     ingest::register(&mut r, models.clone()).context("registering document_ingest")?;
     finetune::register(&mut r, models.clone()).context("registering fine_tune and eval")?;
     let m = models.clone();
+    let embeds = Arc::new(embedding_batcher(models.clone()));
     r.activity(
         &RUN_INFERENCE,
         options_of(RUN_INFERENCE.name),
-        move |ctx, text| run_inference(m.clone(), ctx, text),
+        move |ctx, text| run_inference(m.clone(), embeds.clone(), ctx, text),
     )
     .context("registering run_inference")?;
     let m = models;

@@ -10,7 +10,7 @@ use std::{
 };
 
 use async_nats::jetstream;
-use baton_actors::ActivityError;
+use baton_actors::{ActivityError, batching::BatchOptions};
 use baton_gpu_kernels::{Embedder, EmbedderConfig, LinearHead, cosine};
 
 use super::model_store::{ModelStore, ModelVersion, StoreError};
@@ -172,6 +172,8 @@ pub struct Models {
     store: ModelStoreSlot,
     /// The vector index this process owns, if it serves the `index` queue.
     index: std::sync::OnceLock<Arc<crate::index::VectorIndex>>,
+    /// How `run_inference` attempts running at once share forward passes.
+    batching: BatchOptions,
 }
 
 impl std::fmt::Debug for Models {
@@ -202,7 +204,20 @@ impl Models {
             sentiment: Mutex::new(None),
             store: ModelStoreSlot::default(),
             index: std::sync::OnceLock::new(),
+            batching: BatchOptions::default(),
         }
+    }
+
+    /// The same models, with `run_inference`'s dynamic batching set to `batching`
+    /// (`max_batch` 1: one text per forward pass).
+    pub fn with_batching(mut self, batching: BatchOptions) -> Models {
+        self.batching = batching;
+        self
+    }
+
+    /// How concurrent `run_inference` attempts share forward passes.
+    pub fn batching(&self) -> BatchOptions {
+        self.batching
     }
 
     /// The embedder configuration.

@@ -5,10 +5,12 @@
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex, OnceLock},
+    time::Duration,
 };
 
 use baton_actors::{
     ActivityContext, ActivityInfo, ActivityOptions, Command, Execution, Registry,
+    batching::BatchOptions,
     history::{Event, EventKind},
 };
 use baton_transport::{Payload, wire::Failure};
@@ -346,12 +348,13 @@ async fn an_unavailable_model_is_retried_per_the_gpu_policy_then_fails_the_run()
 #[tokio::test]
 async fn run_inference_classifies_sentiment_and_heartbeats() {
     let models = models();
+    let embeds = Arc::new(embedding_batcher(models.clone()));
     for (text, expected) in [
         ("I absolutely love this, it is wonderful", "positive"),
         ("this is awful, I hate it and want a refund", "negative"),
     ] {
         let (ctx, beats) = probe("run_inference");
-        let out = run_inference(models.clone(), ctx, text.to_string())
+        let out = run_inference(models.clone(), embeds.clone(), ctx, text.to_string())
             .await
             .unwrap();
         assert_eq!(out.input, text);
@@ -362,6 +365,66 @@ async fn run_inference_classifies_sentiment_and_heartbeats() {
             [None, None],
             "one heartbeat before and one after"
         );
+    }
+}
+
+/// Attempts running at once share one forward pass, and each gets what it would have got
+/// alone (same label; the score to float rounding: padding is masked out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_inference_in_a_batch_matches_one_at_a_time() {
+    let texts = [
+        "I absolutely love this, it is wonderful",
+        "this is awful, I hate it and want a refund",
+        "ok",
+        "the delivery was late but the support team sorted it out quickly and politely",
+        "best concert I have been to in years",
+        "cheap plastic, it fell apart in a week",
+    ];
+    let infer_all = move |batching: BatchOptions| async move {
+        let models = Arc::new(Models::new(baton_home()).with_batching(batching));
+        let embeds = Arc::new(embedding_batcher(models.clone()));
+        // Load the model first, so the calls below queue up together.
+        let m = models.clone();
+        tokio::task::spawn_blocking(move || m.sentiment().map(|_| ()))
+            .await
+            .unwrap()
+            .unwrap();
+        let calls: Vec<_> = texts
+            .into_iter()
+            .map(|text| {
+                let (models, embeds) = (models.clone(), embeds.clone());
+                tokio::spawn(async move {
+                    let (ctx, _) = probe("run_inference");
+                    run_inference(models, embeds, ctx, text.to_string()).await
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for c in calls {
+            out.push(c.await.unwrap().unwrap());
+        }
+        (out, embeds.stats())
+    };
+    let (alone, one_stats) = infer_all(BatchOptions {
+        max_batch: 1,
+        max_wait: Duration::ZERO,
+    })
+    .await;
+    assert_eq!(one_stats.largest, 1);
+    let (batched, stats) = infer_all(BatchOptions {
+        max_batch: texts.len(),
+        max_wait: Duration::from_secs(2),
+    })
+    .await;
+    assert_eq!(
+        (stats.batches, stats.largest),
+        (1, texts.len()),
+        "one forward pass for all: {stats:?}"
+    );
+    for ((a, b), text) in alone.iter().zip(&batched).zip(texts) {
+        assert_eq!(b.input, text);
+        assert_eq!(a.label, b.label, "{text:?}: {a:?} vs {b:?}");
+        assert!((a.score - b.score).abs() < 1e-3, "{text:?}: {a:?} vs {b:?}");
     }
 }
 
@@ -487,10 +550,11 @@ async fn the_sentiment_classifier_is_mostly_right_on_unseen_sentences() {
         ("the tutorial was clear and easy to follow", "positive"),
         ("I was charged twice and they refused to fix it", "negative"),
     ];
+    let embeds = Arc::new(embedding_batcher(models.clone()));
     let mut wrong = Vec::new();
     for (text, expected) in cases {
         let (ctx, _) = probe("run_inference");
-        let out = run_inference(models.clone(), ctx, text.to_string())
+        let out = run_inference(models.clone(), embeds.clone(), ctx, text.to_string())
             .await
             .unwrap();
         eprintln!("{:>8} {:.3} {text}", out.label, out.score);
