@@ -116,7 +116,15 @@ async fn read_mirror(nats: &async_nats::Client) -> Result<HashMap<String, Vec<Ev
         .await?;
     let mut out: HashMap<String, Vec<Event>> = HashMap::new();
     let mut read = 0u64;
-    let mut messages = consumer.messages().await?;
+    // Pulls of a bounded size: a default pull (200 messages) of the large mirror messages
+    // of scenario 15 (up to the 8 MB server limit each) overflows the client's pending
+    // buffer, and the messages it drops are not delivered again (no acks).
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(64)
+        .max_bytes_per_batch(16 << 20)
+        .messages()
+        .await?;
     while read < total {
         let m = tokio::time::timeout(std::time::Duration::from_secs(30), messages.next())
             .await
