@@ -627,8 +627,15 @@ async fn measure(
             .as_millis()
     );
     println!(
-        "\n{:<18} {:>4} {:>22} {:>20} {:>20} {:>20} {:>16}",
-        "workload", "C", "workflows/s", "p50 ms", "p90 ms", "p99 ms", "CPU ms/wf"
+        "\n{:<18} {:>4} {:>22} {:>20} {:>20} {:>20} {:>16} {:>18}",
+        "workload",
+        "C",
+        "workflows/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "CPU ms/wf",
+        "of it nats-server"
     );
     let mut comparisons = Vec::new();
     for workload in &args.workload {
@@ -673,27 +680,28 @@ async fn measure(
                     c,
                     workflow,
                     baton_cpu: cpu.clone(),
-                    nats_cpu,
+                    nats_cpu: nats_cpu.clone(),
                     client_cpu,
                     bare: bare_tput,
                     bare_cpu,
                     ratio,
                 });
             }
-            let cpu_s = if pids.is_empty() {
-                "n/a".to_string()
+            let (cpu_s, nats_s) = if pids.is_empty() {
+                ("n/a".to_string(), "n/a".to_string())
             } else {
-                fmt_range(&cpu, 2)
+                (fmt_range(&cpu, 2), fmt_range(&nats_cpu, 2))
             };
             println!(
-                "{workload:<18} {c:>4} {:>22} {:>20} {:>20} {:>20} {:>16}",
+                "{workload:<18} {c:>4} {:>22} {:>20} {:>20} {:>20} {:>16} {:>18}",
                 fmt_range(&tput, 0),
                 fmt_range(&p50, 2),
                 fmt_range(&p90, 2),
                 fmt_range(&p99, 2),
-                cpu_s
+                cpu_s,
+                nats_s
             );
-            report.push(json!({"workload": workload, "concurrency": c, "workflows_per_s": tput, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "cpu_ms_per_workflow": cpu}));
+            report.push(json!({"workload": workload, "concurrency": c, "workflows_per_s": tput, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "cpu_ms_per_workflow": cpu, "nats_server_cpu_ms_per_workflow": nats_cpu}));
         }
     }
     if !comparisons.is_empty() {
