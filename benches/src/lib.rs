@@ -1,6 +1,18 @@
-//! Support for Baton's benchmarks: process statistics from `/proc` and percentiles.
+//! Support for Baton's benchmarks: child processes killed on drop, process statistics
+//! from `/proc` and percentiles.
 
 use std::path::Path;
+
+/// A child process killed (SIGKILL) and reaped when dropped: a bench that fails half-way
+/// leaves no server behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// CPU time (user + system) of a process and its peak resident set.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -19,7 +19,7 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer::pull, stream};
-use baton_benches::{children, median, percentile, proc_stats};
+use baton_benches::{KillOnDrop, children, median, percentile, proc_stats};
 use baton_gpu_kernels::{Embedder, EmbedderConfig};
 use clap::Parser;
 use futures::StreamExt;
@@ -165,16 +165,9 @@ async fn bare_run(embedder: &Arc<Embedder>, n: usize) -> anyhow::Result<(f64, f6
 }
 
 struct Dev {
-    child: Child,
+    child: KillOnDrop,
     _dir: tempfile::TempDir,
     url: String,
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn spawn_dev(args: &Args, gpu_max_batch: Option<usize>) -> anyhow::Result<Dev> {
@@ -203,7 +196,7 @@ fn spawn_dev(args: &Args, gpu_max_batch: Option<usize>) -> anyhow::Result<Dev> {
         .spawn()
         .with_context(|| format!("spawning {}", bin.display()))?;
     Ok(Dev {
-        child,
+        child: KillOnDrop(child),
         _dir: dir,
         url: format!("nats://127.0.0.1:{port}"),
     })
@@ -605,8 +598,8 @@ async fn measure(
     }
     let pids: Vec<u32> = match &dev {
         Some(d) => {
-            let mut p = vec![d.child.id()];
-            p.extend(children(d.child.id()));
+            let mut p = vec![d.child.0.id()];
+            p.extend(children(d.child.0.id()));
             p
         }
         None => Vec::new(),

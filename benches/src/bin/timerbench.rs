@@ -22,12 +22,12 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, bail};
-use baton_benches::proc_stats;
+use baton_benches::{KillOnDrop, proc_stats};
 use baton_transport::jetstream::local_server_config;
 use clap::Parser;
 use futures::StreamExt;
@@ -70,17 +70,10 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// A child process killed (SIGKILL) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_nats(home: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<(Proc, String)> {
+fn spawn_nats(
+    home: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<(KillOnDrop, String)> {
     let bin = home.join("bin").join("nats-server");
     if !bin.exists() {
         bail!(
@@ -108,7 +101,7 @@ fn spawn_nats(home: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok((Proc(child), format!("nats://127.0.0.1:{port}")))
+    Ok((KillOnDrop(child), format!("nats://127.0.0.1:{port}")))
 }
 
 fn spawn_orchestrator(
@@ -116,7 +109,7 @@ fn spawn_orchestrator(
     url: &str,
     dir: &std::path::Path,
     n: u32,
-) -> anyhow::Result<Proc> {
+) -> anyhow::Result<KillOnDrop> {
     let bin = match &args.baton_bin {
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("baton"),
@@ -141,7 +134,7 @@ fn spawn_orchestrator(
         )?)
         .spawn()
         .with_context(|| format!("spawning {}", bin.display()))?;
-    Ok(Proc(child))
+    Ok(KillOnDrop(child))
 }
 
 async fn request(nc: &async_nats::Client, subject: &str, body: &Value) -> anyhow::Result<Value> {
