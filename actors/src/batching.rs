@@ -194,25 +194,31 @@ async fn batch_loop<I: Send + 'static, O: Send + 'static>(
 mod tests {
     use super::*;
 
-    /// A batch function that doubles its inputs after `ms`, recording each batch's size.
-    fn doubler(ms: u64, sizes: Arc<Mutex<Vec<usize>>>) -> Batcher<u32, u32> {
-        Batcher::new(
-            BatchOptions {
-                max_batch: 8,
-                max_wait: Duration::ZERO,
-            },
-            move |inputs: Vec<u32>| {
-                sizes.lock().unwrap().push(inputs.len());
-                std::thread::sleep(Duration::from_millis(ms));
-                Ok(inputs.into_iter().map(|x| x * 2).collect())
-            },
-        )
+    /// The size of each batch a test batcher ran.
+    type Sizes = Arc<Mutex<Vec<usize>>>;
+
+    /// A batcher whose function doubles its inputs after `ms`, and the size of each batch
+    /// it ran.
+    fn doubler(options: BatchOptions, ms: u64) -> (Arc<Batcher<u32, u32>>, Sizes) {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let s = sizes.clone();
+        let batcher = Batcher::new(options, move |inputs: Vec<u32>| {
+            s.lock().unwrap().push(inputs.len());
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok(inputs.into_iter().map(|x| x * 2).collect())
+        });
+        (Arc::new(batcher), sizes)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_calls_share_batches_and_each_gets_its_own_output() {
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let batcher = Arc::new(doubler(100, sizes.clone()));
+        let (batcher, sizes) = doubler(
+            BatchOptions {
+                max_batch: 8,
+                max_wait: Duration::ZERO,
+            },
+            100,
+        );
         let calls: Vec<_> = (0..20u32)
             .map(|i| {
                 let b = batcher.clone();
@@ -240,21 +246,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_lone_call_waits_for_no_batch_and_max_batch_one_runs_one_at_a_time() {
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let s = sizes.clone();
-        let one = Batcher::new(
+        let (one, sizes) = doubler(
             BatchOptions {
                 max_batch: 1,
                 max_wait: Duration::from_secs(60),
             },
-            move |inputs: Vec<u32>| {
-                s.lock().unwrap().push(inputs.len());
-                Ok(inputs)
-            },
+            0,
         );
         // A full batch (of one) does not wait `max_wait`.
         let out = tokio::time::timeout(Duration::from_secs(5), one.call(7)).await;
-        assert_eq!(out.unwrap().unwrap(), 7);
+        assert_eq!(out.unwrap().unwrap(), 14);
         assert_eq!(*sizes.lock().unwrap(), [1]);
     }
 
@@ -281,18 +282,13 @@ mod tests {
 
     #[tokio::test]
     async fn max_wait_gathers_calls_that_arrive_a_little_later() {
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let s = sizes.clone();
-        let batcher = Arc::new(Batcher::new(
+        let (batcher, sizes) = doubler(
             BatchOptions {
                 max_batch: 4,
                 max_wait: Duration::from_millis(500),
             },
-            move |inputs: Vec<u32>| {
-                s.lock().unwrap().push(inputs.len());
-                Ok(inputs)
-            },
-        ));
+            0,
+        );
         let mut calls = Vec::new();
         for i in 0..4u32 {
             let b = batcher.clone();
@@ -300,7 +296,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for (i, c) in calls.into_iter().enumerate() {
-            assert_eq!(c.await.unwrap().unwrap(), i as u32);
+            assert_eq!(c.await.unwrap().unwrap(), 2 * i as u32);
         }
         // Full at 4 well before the 500 ms: one batch.
         assert_eq!(*sizes.lock().unwrap(), [4]);

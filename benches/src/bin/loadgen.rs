@@ -532,16 +532,15 @@ fn print_batch_comparison(reports: &[Value]) {
             .into_iter()
             .flatten()
             .filter_map(|p| {
-                let mut t: Vec<f64> = p["workflows_per_s"]
+                let t: Vec<f64> = p["workflows_per_s"]
                     .as_array()?
                     .iter()
                     .filter_map(Value::as_f64)
                     .collect();
-                t.sort_by(f64::total_cmp);
                 Some((
                     p["workload"].as_str()?.to_string(),
                     p["concurrency"].as_u64()?,
-                    *t.get(t.len() / 2)?,
+                    median(&t),
                 ))
             })
             .collect()

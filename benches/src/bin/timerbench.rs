@@ -324,11 +324,16 @@ async fn main() -> anyhow::Result<()> {
         .buffer_unordered(args.concurrency)
         .collect::<Vec<_>>()
         .await;
-    let (mut closed, bad): (Vec<_>, Vec<_>) = checked.into_iter().partition(Result::is_ok);
-    if let Some(Err(b)) = bad.first() {
+    let (mut closed, mut bad) = (Vec::new(), Vec::new());
+    for r in checked {
+        match r {
+            Ok(closed_ms) => closed.push(closed_ms),
+            Err(e) => bad.push(e),
+        }
+    }
+    if let Some(b) = bad.first() {
         bail!("{} of {waiting} results wrong, e.g. {b}", bad.len());
     }
-    let mut closed: Vec<u64> = closed.drain(..).map(|c| c.expect("ok")).collect();
     closed.sort_unstable();
     let since_restart = |ms: u64| ms.saturating_sub(restart_ms) as f64;
     let (first, median, last) = (
