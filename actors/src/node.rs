@@ -18,7 +18,7 @@ use baton_transport::{
     Format, Payload,
     codec::{self, CONTENT_TYPE, MAX_EDGE_BODY},
     ids,
-    jetstream::Streams,
+    jetstream::{QueuesCreated, Streams},
     subject,
     wire::{
         ActivityReport, CloseRequest, ErrorCode, ErrorReply, HistoryReply, HistoryRequest,
@@ -116,6 +116,7 @@ impl Orchestrator {
         let began = std::time::Instant::now();
         std::fs::create_dir_all(&options.data_dir)?;
         let streams = Streams::ensure(&client).await?;
+        let queues = streams.ensure_queues().await?;
         let journal = Journal::open_with(
             &options.data_dir.join("journal.redb"),
             Some(streams.clone()),
@@ -186,7 +187,10 @@ impl Orchestrator {
 
         // 2. Apply the reports that waited while the node was down.
         let consumer = streams.report_consumer().await?;
-        let mut tasks = vec![tokio::spawn(report_feed(rt.clone(), consumer.clone()))];
+        let mut tasks = vec![
+            tokio::spawn(report_feed(rt.clone(), consumer.clone())),
+            tokio::spawn(watch_queues(rt.clone(), queues)),
+        ];
         if recovered > 0 {
             // 3. Then republish the tasks JetStream no longer holds.
             let rt2 = rt.clone();
@@ -287,6 +291,53 @@ async fn wait_for_drain(consumer: async_nats::jetstream::consumer::PullConsumer)
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tracing::warn!("reports still pending after 10 s; redispatching anyway");
+}
+
+/// How often the orchestrator checks that the task and report queues are the ones it knows.
+const QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Watches the task and report queues (memory streams): when the server lost them (it
+/// restarted), recreates them and the report consumer, then has every open run republish
+/// the tasks of its in-flight attempts that the new queue lacks (`SupervisorMsg::Restart`:
+/// a live execution checks its tasks, an evicted one is rebuilt from its journal first).
+/// Reports lost with the old queue come back from the attempts run again, or from the
+/// workers still running them. Nothing durable was lost: the journal holds every attempt.
+async fn watch_queues(rt: Arc<Runtime>, mut known: QueuesCreated) {
+    loop {
+        tokio::time::sleep(QUEUE_CHECK_INTERVAL).await;
+        let now = match rt.streams.ensure_queues().await {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::debug!(error = %e, "task and report queues not checked");
+                continue;
+            }
+        };
+        if now == known {
+            continue;
+        }
+        if let Err(e) = rt.streams.bind_report_consumer().await {
+            tracing::warn!(error = %e, "report consumer not recreated; checking again");
+            continue;
+        }
+        let open = match rt.journal.open_runs() {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::warn!(error = %e, "open runs unreadable; checking the queues again");
+                continue;
+            }
+        };
+        tracing::warn!(
+            open = open.len(),
+            "the task and report queues were recreated (the NATS server lost them): republishing the in-flight tasks"
+        );
+        let Some(supervisor) = rt.supervisor.get() else {
+            continue;
+        };
+        for run in open {
+            let _ = supervisor.send_message(SupervisorMsg::Restart { run_id: run.run_id });
+        }
+        known = now;
+    }
 }
 
 /// Feeds reports to their executions; acks each once it is journaled or known stale.

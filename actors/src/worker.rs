@@ -483,6 +483,9 @@ impl Actor for Pool {
     }
 }
 
+/// How long one pull for tasks waits on the server for them.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
 /// Starts a pull for as many tasks as there are free slots, unless one is under way.
 fn fetch(myself: &ActorRef<PoolMsg>, state: &mut PoolState) {
     let free = state.free();
@@ -492,18 +495,34 @@ fn fetch(myself: &ActorRef<PoolMsg>, state: &mut PoolState) {
     state.fetching = true;
     state.reserved += free;
     let consumer = state.args.consumer.clone();
+    let streams = state.args.streams.clone();
+    let queue = state.args.options.queue.clone();
     let pool = myself.clone();
     tokio::spawn(async move {
         let mut received = 0;
+        let mut failed = false;
         match consumer
             .batch()
             .max_messages(free)
-            .expires(Duration::from_secs(5))
+            .expires(PULL_EXPIRES)
             .messages()
             .await
         {
             Ok(mut batch) => {
-                while let Some(item) = batch.next().await {
+                // The server ends a pull at its expiry; one that outlives it by a second
+                // was lost (the server restarted), and the client would wait 5 s more.
+                let lost_after =
+                    tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
+                loop {
+                    let item = match tokio::time::timeout_at(lost_after, batch.next()).await {
+                        Ok(Some(item)) => item,
+                        Ok(None) => break,
+                        Err(_) => {
+                            tracing::warn!("pull not ended by the server; the connection was lost");
+                            failed = true;
+                            break;
+                        }
+                    };
                     match item {
                         Ok(m) => {
                             received += 1;
@@ -514,6 +533,7 @@ fn fetch(myself: &ActorRef<PoolMsg>, state: &mut PoolState) {
                             // not worth a warning.
                             if pool.get_status() == ractor::ActorStatus::Running {
                                 tracing::warn!(error = %e, "pull failed");
+                                failed = true;
                             } else {
                                 tracing::debug!(error = %e, "pull ended with the pool");
                             }
@@ -525,6 +545,19 @@ fn fetch(myself: &ActorRef<PoolMsg>, state: &mut PoolState) {
             Err(e) => {
                 tracing::warn!(error = %e, "pull request failed");
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                failed = true;
+            }
+        }
+        if failed {
+            // The server may have restarted without the task queue (a memory stream) and
+            // with it this queue's consumer: recreate both (the consumer is named, so the
+            // pool's handle works again).
+            let rebound = async {
+                streams.ensure_queues().await?;
+                streams.queue_consumer(&queue).await
+            };
+            if let Err(e) = rebound.await {
+                tracing::debug!(error = %e, "task queue not rebound yet");
             }
         }
         let _ = pool.send_message(PoolMsg::FetchDone {

@@ -209,6 +209,31 @@ pub async fn orchestrator_kills(
     Ok(out)
 }
 
+/// Scenario 9: SIGKILL the nats-server mid-workflow and start it again on the same port
+/// and store, `count` times, 2-5 s of progress apart. What it kept on disk (the history
+/// mirror, the KV buckets) comes back; the task and report queues (memory streams) do
+/// not, and every node must recreate them and the orchestrator republish what was lost.
+pub async fn nats_kills(c: &mut Cluster, count: usize, rng: &mut Rng) -> Result<Vec<Fault>> {
+    let mut out = Vec::new();
+    for _ in 0..count {
+        tokio::time::sleep(jitter(rng, 2_000, 5_000)).await;
+        let at_ms = now_ms();
+        c.nats.restart().await?;
+        record(
+            &mut out,
+            Fault {
+                kind: "nats-server SIGKILL".into(),
+                target: format!("nats-server (now pid {})", c.nats.pid().unwrap_or(0)),
+                at_ms,
+                healed_ms: now_ms(),
+                affected: Affected::AllOpen,
+                worker: None,
+            },
+        );
+    }
+    Ok(out)
+}
+
 /// Scenario 12: SIGSTOP a worker that holds a heartbeating attempt for 6-9 s (past the
 /// 3 s heartbeat timeout and JetStream's 5 s ack wait, so the attempt is redelivered to
 /// another worker), then SIGCONT it; `count` times, 1-3 s apart.

@@ -15,6 +15,7 @@
 //! | 2 | SIGKILL a worker with an activity in flight, restart it |
 //! | 3 | kill / panic a runner / pool actor through the worker's fault hook |
 //! | 4 | SIGKILL the orchestrator mid-workflow, restart it |
+//! | 9 | SIGKILL the nats-server mid-workflow, restart it on the same store (the task and report queues, in memory, are lost) |
 //! | 12 | SIGSTOP a worker holding a heartbeating attempt for 6-9 s (past its 3 s heartbeat timeout and the 5 s ack wait), SIGCONT it |
 //! | 13 | every ID started 3 times at once, again while running, again after it closed with another input, and once more after the drain |
 //! | 14 | poison on `baton.start.*`, `baton.api.*`, `baton.task.*`, `baton.report.*` |
@@ -63,13 +64,13 @@ use crate::{
 #[derive(Parser, Debug, Clone)]
 #[command(about)]
 struct Opts {
-    /// Scenarios to run (numbering from RELIABILITY.md): 2,3,4,5,12,13,14,15,17,18,19.
-    #[arg(long, value_delimiter = ',', default_values_t = [2, 3, 4, 5, 12, 13, 14, 15, 17, 18, 19])]
+    /// Scenarios to run (numbering from RELIABILITY.md): 2,3,4,5,9,12,13,14,15,17,18,19.
+    #[arg(long, value_delimiter = ',', default_values_t = [2, 3, 4, 5, 9, 12, 13, 14, 15, 17, 18, 19])]
     scenarios: Vec<u32>,
     /// Workflows per scenario (at least; the load runs until the faults are done).
     #[arg(long, default_value_t = 40)]
     workflows: usize,
-    /// Faults per fault scenario (2, 3, 4, 12, 17, 18); scenario 3 cycles kill/panic
+    /// Faults per fault scenario (2, 3, 4, 9, 12, 17, 18); scenario 3 cycles kill/panic
     /// runner/pool; for 17 the full-disk windows, for 18 the power losses.
     #[arg(long, default_value_t = 5)]
     faults: usize,
@@ -126,6 +127,7 @@ fn scenario_name(s: u32) -> &'static str {
         3 => "3 actor kill/panic",
         4 => "4 orchestrator SIGKILL",
         5 => "5 orchestrator SIGKILL, zero cache",
+        9 => "9 nats-server SIGKILL",
         12 => "12 worker SIGSTOP",
         13 => "13 duplicate starts",
         14 => "14 poison messages",
@@ -161,7 +163,9 @@ async fn main() -> ExitCode {
 async fn run(opts: Opts) -> Result<bool> {
     for s in &opts.scenarios {
         if scenario_name(*s) == "?" {
-            bail!("unknown scenario {s} (this driver runs 2, 3, 4, 5, 12, 13, 14, 15, 17, 18, 19)");
+            bail!(
+                "unknown scenario {s} (this driver runs 2, 3, 4, 5, 9, 12, 13, 14, 15, 17, 18, 19)"
+            );
         }
     }
     let mut registry = Registry::new();
@@ -311,6 +315,7 @@ async fn scenario(s: u32, opts: &Opts, registry: &Registry) -> Result<Outcome> {
         2 => faults = faults::worker_kills(&mut c, opts.faults, &mut rng).await?,
         3 => faults = faults::actor_faults(&mut c, opts.faults, &mut rng).await?,
         4 | 5 => faults = faults::orchestrator_kills(&mut c, opts.faults, &mut rng).await?,
+        9 => faults = faults::nats_kills(&mut c, opts.faults, &mut rng).await?,
         12 => faults = faults::worker_pauses(&mut c, opts.faults, &mut rng).await?,
         14 => {
             let volleys = (opts.workflows / 10).max(3);

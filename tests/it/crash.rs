@@ -100,6 +100,57 @@ async fn orchestrator_killed_mid_workflow_resumes_without_rerunning_activities()
     Ok(())
 }
 
+/// The task and report queues live in memory (tasks can be regenerated from the journal,
+/// reports by running the attempt again): a nats-server SIGKILLed mid-activity comes back
+/// without them. The nodes recreate them, the orchestrator republishes the in-flight task,
+/// and the run completes with each activity recorded once.
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_server_killed_mid_activity_loses_no_run() -> anyhow::Result<()> {
+    let mut c = Cluster::start().await?;
+    c.client
+        .start(
+            "batch_embed",
+            Some("nats-crash"),
+            json!({ "texts": long_texts(60) }),
+        )
+        .await?
+        .into_result()
+        .unwrap();
+    c.gpu
+        .wait_for_log("activity started activity=compute_embeddings", WAIT)
+        .await?;
+    c.nats.restart().await?;
+    c.orchestrator
+        .wait_for_log("the task and report queues were recreated", WAIT)
+        .await?;
+
+    let vs = embeddings(c.client.wait_result("nats-crash", WAIT).await?);
+    assert_unit_vectors(&vs, 60);
+    assert_each_activity_recorded_once(&events(&c.client, "nats-crash").await?, 2);
+    // The step that had completed before the restart did not run again.
+    assert_eq!(
+        c.cpu
+            .count_in_log("activity started activity=preprocess_batch"),
+        1
+    );
+
+    // Every node serves new work on the recreated queues.
+    c.client
+        .start(
+            "prepare_and_infer",
+            Some("after-nats-restart"),
+            json!({"text": "great"}),
+        )
+        .await?
+        .into_result()
+        .unwrap();
+    assert!(matches!(
+        c.client.wait_result("after-nats-restart", WAIT).await?,
+        ResultReply::Completed { .. }
+    ));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_killed_mid_activity_is_retried_on_another_worker() -> anyhow::Result<()> {
     let mut c = Cluster::start().await?;
