@@ -3,9 +3,10 @@
 //!
 //! One writer task owns all writes and commits them in groups: whatever requests are
 //! waiting when a commit starts go into one redb transaction (one fsync), then their
-//! mirror messages are published to JetStream pipelined (one per run, chained with
-//! `Nats-Expected-Last-Subject-Sequence` so that a stale writer cannot append), and only
-//! then is each caller answered. Workflow-ID uniqueness is a compare-and-set inside that
+//! mirror messages (one per run, chained with `Nats-Expected-Last-Subject-Sequence` so
+//! that a stale writer cannot append) are published to JetStream as one atomic batch
+//! (all stored or none; one per run, pipelined, where the batch was refused or a run's
+//! events need several messages), and only then is each caller answered. Workflow-ID uniqueness is a compare-and-set inside that
 //! transaction: the first start of an ID wins, whatever the timing.
 //!
 //! Tables: `runs` (run_id -> [`RunRecord`]), `ids` (workflow_id -> run_id), `events`
@@ -596,10 +597,16 @@ impl Writer {
     }
 
     /// Publishes the committed part of a group to JetStream, one message per run, and
-    /// waits for every ack.
-    async fn mirror_group(&self, group: &[Request], outcomes: &[Outcome]) -> Result<(), Error> {
+    /// waits for every ack. Returns the runs whose mirror append failed, with the error:
+    /// only their requests are answered with it.
+    async fn mirror_group(
+        &self,
+        group: &[Request],
+        outcomes: &[Outcome],
+    ) -> HashMap<String, Error> {
+        let mut failed = HashMap::new();
         let Some(streams) = &self.mirror else {
-            return Ok(());
+            return failed;
         };
         // run_id -> (workflow_id, events), in group order.
         let mut per_run: Vec<(String, String, Vec<Event>)> = Vec::new();
@@ -632,21 +639,37 @@ impl Writer {
             }
         }
         let mut chain = self.chain.lock().await;
+        // The group's messages in one atomic batch, which the server stores with far fewer
+        // fsyncs than one message each; a run the batch did not store (a large one, or a
+        // batch refused) goes one message per run below, as before.
+        let batched = if streams.history_takes_batches() && per_run.len() > 1 {
+            publish_mirror_batches(streams, &per_run, &chain).await
+        } else {
+            Vec::new()
+        };
         let mut acks = Vec::with_capacity(per_run.len());
-        let mut result = Ok(());
-        for (run_id, workflow_id, events) in &per_run {
-            let starts_run = events.first().is_some_and(|e| e.id == 1);
-            let expected = if starts_run {
-                Some(0)
-            } else {
-                chain.get(run_id).copied()
-            };
-            // The common case: one message per run, acks awaited together below.
-            if let Some(ack) =
-                publish_mirror(streams, workflow_id, run_id, events, expected).await?
-            {
-                acks.push((run_id, events, ack));
+        for (i, (run_id, workflow_id, events)) in per_run.iter().enumerate() {
+            if let Some(seq) = batched.get(i).copied().flatten() {
+                if events.last().is_some_and(|e| e.kind.is_close()) {
+                    chain.remove(run_id);
+                } else {
+                    chain.insert(run_id.clone(), seq);
+                }
                 continue;
+            }
+            let expected = expected_head(&chain, run_id, events);
+            // The common case: one message per run, acks awaited together below.
+            match publish_mirror(streams, workflow_id, run_id, events, expected).await {
+                Ok(Some(ack)) => {
+                    acks.push((run_id, events, ack));
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    chain.remove(run_id);
+                    failed.insert(run_id.clone(), e);
+                    continue;
+                }
             }
             // Over the server's message limit (large payloads): several messages, chained.
             match publish_mirror_chain(streams, workflow_id, run_id, events, expected).await {
@@ -658,7 +681,7 @@ impl Writer {
                 }
                 Err(e) => {
                     chain.remove(run_id);
-                    result = Err(e);
+                    failed.insert(run_id.clone(), e);
                 }
             }
         }
@@ -673,16 +696,134 @@ impl Writer {
                 }
                 Err(e) => {
                     chain.remove(run_id);
-                    result = Err(Error::Mirror(format!("run {run_id}: {e}")));
+                    failed.insert(run_id.clone(), Error::Mirror(format!("run {run_id}: {e}")));
                 }
             }
         }
-        result
+        failed
     }
 }
 
 /// Room left in a mirror message for its envelope (IDs, framing).
 const MIRROR_ENVELOPE: usize = 1024;
+
+/// Most messages in one atomic mirror batch (the server takes up to 1,000).
+const MAX_BATCH_MESSAGES: usize = 500;
+/// Most bytes in one atomic mirror batch (the server holds a batch in memory until its
+/// commit).
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// The sequence a run's next mirror message must follow: 0 for a run's first events, the
+/// last one mirrored otherwise (unknown: no check).
+fn expected_head(chain: &HashMap<String, u64>, run_id: &str, events: &[Event]) -> Option<u64> {
+    if events.first().is_some_and(|e| e.id == 1) {
+        Some(0)
+    } else {
+        chain.get(run_id).copied()
+    }
+}
+
+/// A run's mirror message, ready for an atomic batch: (index of the run, subject,
+/// headers, body).
+type BatchMessage = (usize, String, HeaderMap, Vec<u8>);
+
+/// Publishes one message per run (`per_run`: run ID, workflow ID, events) in atomic batches
+/// (ADR-50): all of a batch is stored, or none of it. Each message keeps its own
+/// `Nats-Msg-Id` and `Nats-Expected-Last-Subject-Sequence`, so a stale writer's append is
+/// still refused, with its whole batch. Returns, for each run, the sequence of its stored
+/// message; `None` for a run whose events do not fit one message or whose batch was not
+/// stored (the caller sends those one at a time, where each run's outcome is its own).
+async fn publish_mirror_batches(
+    streams: &Streams,
+    per_run: &[(String, String, Vec<Event>)],
+    chain: &HashMap<String, u64>,
+) -> Vec<Option<u64>> {
+    let mut stored = vec![None; per_run.len()];
+    let mut batch: Vec<BatchMessage> = Vec::new();
+    let mut size = 0;
+    for (i, (run_id, workflow_id, events)) in per_run.iter().enumerate() {
+        let expected = expected_head(chain, run_id, events);
+        let Ok(Some((headers, bytes))) =
+            mirror_message(streams, workflow_id, run_id, events, expected)
+        else {
+            continue;
+        };
+        if !batch.is_empty()
+            && (batch.len() == MAX_BATCH_MESSAGES || size + bytes.len() > MAX_BATCH_BYTES)
+        {
+            store_batch(streams, std::mem::take(&mut batch), &mut stored).await;
+            size = 0;
+        }
+        size += bytes.len();
+        batch.push((i, subject::history(run_id), headers, bytes));
+    }
+    store_batch(streams, batch, &mut stored).await;
+    stored
+}
+
+/// Publishes one atomic batch and records where each message was stored: a batch takes
+/// consecutive sequences, ending at the one its commit is acknowledged with.
+async fn store_batch(streams: &Streams, batch: Vec<BatchMessage>, stored: &mut [Option<u64>]) {
+    if batch.is_empty() {
+        return;
+    }
+    let runs: Vec<usize> = batch.iter().map(|m| m.0).collect();
+    match publish_atomic(streams, batch).await {
+        Ok(last) => {
+            let first = last + 1 - runs.len() as u64;
+            for (k, i) in runs.into_iter().enumerate() {
+                stored[i] = Some(first + k as u64);
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, messages = runs.len(), "mirror batch not stored; its runs go one message each");
+        }
+    }
+}
+
+/// Sends a batch's messages in order (the last one commits it) and returns the sequence
+/// of the last.
+async fn publish_atomic(streams: &Streams, batch: Vec<BatchMessage>) -> Result<u64, Error> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let n = batch.len();
+    let client = streams.js.client();
+    let mirror = |e: baton_transport::Error| Error::Mirror(e.to_string());
+    for (k, (_, subject, mut headers, bytes)) in batch.into_iter().enumerate() {
+        headers.insert(async_nats::header::NATS_BATCH_ID, id.as_str());
+        headers.insert(
+            async_nats::header::NATS_BATCH_SEQUENCE,
+            (k + 1).to_string().as_str(),
+        );
+        if k + 1 < n {
+            let publish = client.publish_with_headers(subject, headers, bytes.into());
+            baton_transport::faults::call("mirror publish", publish)
+                .await
+                .map_err(mirror)?;
+            continue;
+        }
+        headers.insert(
+            async_nats::header::NATS_BATCH_COMMIT,
+            async_nats::header::NATS_BATCH_COMMIT_FINAL,
+        );
+        let publish = streams
+            .js
+            .publish_with_headers(subject, headers, bytes.into());
+        let ack = baton_transport::faults::call("mirror publish", publish)
+            .await
+            .map_err(mirror)?;
+        let ack = baton_transport::faults::call("mirror ack", ack)
+            .await
+            .map_err(mirror)?;
+        if ack.batch_size != Some(n as u64) {
+            return Err(Error::Mirror(format!(
+                "a batch of {n} messages was acknowledged with count {:?}",
+                ack.batch_size
+            )));
+        }
+        return Ok(ack.sequence);
+    }
+    Err(Error::Mirror("an empty batch".into()))
+}
 
 /// Publishes a run's events as as many mirror messages as the server's limit needs (an
 /// event each at worst), each chained to the one before; returns the last one's sequence.
@@ -744,6 +885,34 @@ async fn publish_mirror(
     events: &[Event],
     expected_last_subject_seq: Option<u64>,
 ) -> Result<Option<PublishAckFuture>, Error> {
+    let Some((headers, bytes)) = mirror_message(
+        streams,
+        workflow_id,
+        run_id,
+        events,
+        expected_last_subject_seq,
+    )?
+    else {
+        return Ok(None);
+    };
+    let publish = streams
+        .js
+        .publish_with_headers(subject::history(run_id), headers, bytes.into());
+    baton_transport::faults::call("mirror publish", publish)
+        .await
+        .map(Some)
+        .map_err(|e| Error::Mirror(e.to_string()))
+}
+
+/// A run's events as one mirror message (headers and body); `None` when they do not fit
+/// the server's message limit.
+fn mirror_message(
+    streams: &Streams,
+    workflow_id: &str,
+    run_id: &str,
+    events: &[Event],
+    expected_last_subject_seq: Option<u64>,
+) -> Result<Option<(HeaderMap, Vec<u8>)>, Error> {
     let batch = MirrorBatch {
         workflow_id: workflow_id.into(),
         run_id: run_id.into(),
@@ -765,13 +934,7 @@ async fn publish_mirror(
             seq.to_string().as_str(),
         );
     }
-    let publish = streams
-        .js
-        .publish_with_headers(subject::history(run_id), headers, bytes.into());
-    baton_transport::faults::call("mirror publish", publish)
-        .await
-        .map(Some)
-        .map_err(|e| Error::Mirror(e.to_string()))
+    Ok(Some((headers, bytes)))
 }
 
 fn read_run(
@@ -984,20 +1147,36 @@ fn fail_all(group: Vec<Request>, e: Error) {
     }
 }
 
-fn answer(group: Vec<Request>, outcomes: Vec<Outcome>, mirrored: Result<(), Error>) {
+fn answer(group: Vec<Request>, outcomes: Vec<Outcome>, failed: HashMap<String, Error>) {
+    // A request's mirror append failed if that of its run (or of the run it continued as)
+    // did.
+    let mirrored = |runs: &[&String]| match runs.iter().find_map(|r| failed.get(*r)) {
+        Some(e) => Err(e.clone()),
+        None => Ok(()),
+    };
     for (req, outcome) in group.into_iter().zip(outcomes) {
         match req {
-            Request::Start { reply, .. } => {
+            Request::Start { reply, record, .. } => {
                 let r = match outcome {
-                    Outcome::Written(_) => mirrored.clone().map(|_| StartOutcome::Started),
+                    Outcome::Written(_) => {
+                        mirrored(&[&record.run_id]).map(|_| StartOutcome::Started)
+                    }
                     Outcome::Existing(outcome) => Ok(outcome),
                     Outcome::Refused(e) => Err(e),
                 };
                 let _ = reply.send(r);
             }
-            Request::Append { reply, .. } => {
+            Request::Append {
+                reply,
+                run_id,
+                successor,
+                ..
+            } => {
                 let r = match outcome {
-                    Outcome::Written(_) => mirrored.clone(),
+                    Outcome::Written(_) => match &successor {
+                        Some(next) => mirrored(&[&run_id, &next.0.run_id]),
+                        None => mirrored(&[&run_id]),
+                    },
                     Outcome::Existing(_) => {
                         Err(Error::Invalid("append answered as a start".into()))
                     }

@@ -32,7 +32,7 @@ fn chaos(args: &[&str]) {
 fn chaos_short_all_scenarios() {
     chaos(&[
         "--scenarios",
-        "2,3,4,5,12,13,14,15",
+        "2,3,4,5,9,12,13,14,15",
         "--workflows",
         "10",
         "--faults",

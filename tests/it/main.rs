@@ -7,6 +7,7 @@ mod edge;
 mod finetune;
 mod harness_smoke;
 mod ingest;
+mod mirror;
 mod pipeline;
 mod runtime;
 mod semantics;

@@ -6,7 +6,8 @@
 //!   redelivered.
 //! - `BATON_REPORTS` (work queue, **memory** storage): activity reports; the orchestrator
 //!   acks one only after the journal has recorded it (or recognised it as stale).
-//! - `BATON_HISTORY` (limits retention, file storage): the mirror of every run's journal.
+//! - `BATON_HISTORY` (limits retention, file storage, atomic batches allowed): the mirror
+//!   of every run's journal, a group commit's messages published as one atomic batch.
 //!
 //! Durability of each file-stored write comes from the server's `sync_interval` (Baton's
 //! dev server uses `always`) and, in production, from R3 replication. Tasks and reports are
@@ -89,6 +90,7 @@ pub struct Streams {
     /// and heartbeat timers read it.
     pub liveness: jetstream::kv::Store,
     max_payload: usize,
+    history_atomic: bool,
 }
 
 impl Streams {
@@ -107,19 +109,38 @@ impl Streams {
                 );
             }
         }
-        let history = js
-            .get_or_create_stream(stream::Config {
-                name: subject::HISTORY_STREAM.into(),
-                subjects: vec!["baton.history.>".into()],
-                retention: RetentionPolicy::Limits,
-                storage: StorageType::File,
-                duplicate_window: DUPLICATE_WINDOW,
-                max_message_size: max_msg,
-                num_replicas: DEFAULT_REPLICAS,
-                ..Default::default()
-            })
+        let history_config = stream::Config {
+            name: subject::HISTORY_STREAM.into(),
+            subjects: vec!["baton.history.>".into()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            duplicate_window: DUPLICATE_WINDOW,
+            max_message_size: max_msg,
+            num_replicas: DEFAULT_REPLICAS,
+            allow_atomic_publish: true,
+            ..Default::default()
+        };
+        let mut history = js
+            .get_or_create_stream(history_config.clone())
             .await
             .map_err(Error::nats)?;
+        if !history.cached_info().config.allow_atomic_publish {
+            // Created by an older Baton: allow atomic batches (one per group commit).
+            let mut config = history.cached_info().config.clone();
+            config.allow_atomic_publish = true;
+            match js.update_stream(config).await {
+                Ok(_) => {
+                    history = js
+                        .get_stream(subject::HISTORY_STREAM)
+                        .await
+                        .map_err(Error::nats)?
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the history stream does not allow atomic batches; every run's mirror append is fsync'd on its own")
+                }
+            }
+        }
+        let history_atomic = history.cached_info().config.allow_atomic_publish;
         let heartbeats = match js.get_key_value(HEARTBEATS_BUCKET).await {
             Ok(kv) => kv,
             Err(_) => js
@@ -168,6 +189,7 @@ impl Streams {
             cancels,
             liveness,
             max_payload: client.server_info().max_payload,
+            history_atomic,
         })
     }
 
@@ -180,6 +202,13 @@ impl Streams {
             tasks_ns: tasks.cached_info().created.unix_timestamp_nanos(),
             reports_ns: reports.cached_info().created.unix_timestamp_nanos(),
         })
+    }
+
+    /// Whether `BATON_HISTORY` takes atomic batches (ADR-50, NATS 2.12+): the journal
+    /// mirrors a whole group commit in one, which the server stores with far fewer fsyncs
+    /// than one message per run.
+    pub fn history_takes_batches(&self) -> bool {
+        self.history_atomic
     }
 
     /// The largest message the server accepts, in bytes.

@@ -1,0 +1,112 @@
+//! The journal's JetStream mirror against a real nats-server: a group commit's messages go
+//! in one atomic batch, each still chained to its run's previous message, so a stale
+//! writer's append is refused and the rest of its group is stored.
+
+use baton_actors::{
+    history::{Event, EventKind},
+    journal::{Journal, RunRecord, RunStatus, StartOutcome},
+};
+use baton_tests::NatsServer;
+use baton_transport::{Payload, jetstream::Streams, subject};
+use futures::future::join_all;
+
+use crate::cluster::mirrored_events;
+
+fn record(run: &str) -> RunRecord {
+    RunRecord {
+        workflow_id: format!("wf-{run}"),
+        run_id: run.into(),
+        workflow_type: "t".into(),
+        status: RunStatus::Running,
+        started_ms: 1,
+        closed_ms: None,
+        last_event_id: 1,
+        parent: None,
+        deadline_ms: None,
+    }
+}
+
+fn started(run: &str) -> Event {
+    Event {
+        id: 1,
+        at_ms: 1,
+        kind: EventKind::WorkflowStarted {
+            workflow_type: "t".into(),
+            workflow_id: format!("wf-{run}"),
+            input: Payload::encode(&run).unwrap(),
+        },
+    }
+}
+
+fn signal(id: u32) -> Event {
+    Event {
+        id,
+        at_ms: u64::from(id),
+        kind: EventKind::SignalReceived {
+            name: "s".into(),
+            input: Payload::encode(&id).unwrap(),
+            request_id: None,
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_commit_is_mirrored_in_atomic_batches_and_a_stale_writer_is_refused()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = nats.connect().await?;
+    let streams = Streams::ensure(&client).await?;
+    assert!(streams.history_takes_batches());
+    let dir = tempfile::tempdir()?;
+    let journal = Journal::open(&dir.path().join("journal.redb"), Some(streams.clone()))?;
+
+    // 64 starts and then 64 appends at once: they commit in a few groups.
+    let runs: Vec<String> = (0..64).map(|i| format!("run{i:02}")).collect();
+    let starts = join_all(runs.iter().map(|r| journal.start(record(r), started(r)))).await;
+    for s in starts {
+        assert!(matches!(s?, StartOutcome::Started));
+    }
+    for r in join_all(runs.iter().map(|r| journal.append(r, vec![signal(2)]))).await {
+        r?;
+    }
+    let mut batched = 0;
+    for run in &runs {
+        assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+        let last = streams
+            .history
+            .get_last_raw_message_by_subject(&subject::history(run))
+            .await?;
+        if last
+            .headers
+            .get(async_nats::header::NATS_BATCH_ID)
+            .is_some()
+        {
+            batched += 1;
+        }
+    }
+    // The first append of a group may be alone in it; most share batches.
+    assert!(
+        batched >= 32,
+        "only {batched} of 64 appends went in a batch"
+    );
+
+    // Another writer appended to run07's mirror: this journal's next append of run07
+    // is stale and refused (its whole batch is, too); the others of its group are stored
+    // one message each, and only run07's append reports the failure.
+    streams
+        .js
+        .publish(subject::history("run07"), "from a stale writer".into())
+        .await?
+        .await?;
+    let results = join_all(runs.iter().map(|r| journal.append(r, vec![signal(3)]))).await;
+    for (run, r) in runs.iter().zip(results) {
+        if run == "run07" {
+            let e = r.expect_err("the stale append is refused");
+            assert!(e.to_string().contains("run07"), "{e}");
+        } else {
+            r?;
+            assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+        }
+    }
+    Ok(())
+}
