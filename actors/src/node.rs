@@ -394,8 +394,8 @@ async fn on_report(rt: Arc<Runtime>, message: async_nats::jetstream::Message) {
     };
     match outcome {
         Ok(()) => {
-            if let Err(e) = baton_transport::faults::call("report ack", message.double_ack()).await
-            {
+            // A plain ack: a lost one only brings the report back, to be dropped as stale.
+            if let Err(e) = baton_transport::faults::call("report ack", message.ack()).await {
                 tracing::warn!(error = %e, "report ack failed; it will be redelivered and dropped as stale");
             }
         }

@@ -484,7 +484,9 @@ impl Actor for Pool {
 }
 
 /// How long one pull for tasks waits on the server for them.
-const PULL_EXPIRES: Duration = Duration::from_secs(2);
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How often a pull under way checks that the connection it was sent on still stands.
+const RECONNECT_CHECK: Duration = Duration::from_millis(100);
 
 /// Starts a pull for as many tasks as there are free slots, unless one is under way.
 fn fetch(myself: &ActorRef<PoolMsg>, state: &mut PoolState) {
@@ -501,6 +503,12 @@ fn fetch(myself: &ActorRef<PoolMsg>, state: &mut PoolState) {
     tokio::spawn(async move {
         let mut received = 0;
         let mut failed = false;
+        // A pull request lives on the server it was sent to: after a reconnect (the server
+        // restarted, or the connection broke) nothing will answer it.
+        let connection = streams.js.client().statistics();
+        let connects = connection
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
         match consumer
             .batch()
             .max_messages(free)
@@ -509,18 +517,20 @@ fn fetch(myself: &ActorRef<PoolMsg>, state: &mut PoolState) {
             .await
         {
             Ok(mut batch) => {
-                // The server ends a pull at its expiry; one that outlives it by a second
-                // was lost (the server restarted), and the client would wait 5 s more.
-                let lost_after =
-                    tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
+                let mut check = tokio::time::interval(RECONNECT_CHECK);
                 loop {
-                    let item = match tokio::time::timeout_at(lost_after, batch.next()).await {
-                        Ok(Some(item)) => item,
-                        Ok(None) => break,
-                        Err(_) => {
-                            tracing::warn!("pull not ended by the server; the connection was lost");
-                            failed = true;
-                            break;
+                    let item = tokio::select! {
+                        item = batch.next() => match item {
+                            Some(item) => item,
+                            None => break,
+                        },
+                        _ = check.tick() => {
+                            if connection.connects.load(std::sync::atomic::Ordering::Relaxed) != connects {
+                                tracing::warn!("reconnected to NATS during a pull; pulling again");
+                                failed = true;
+                                break;
+                            }
+                            continue;
                         }
                     };
                     match item {
@@ -757,6 +767,10 @@ async fn finish(
                 tracing::warn!(error = %e, "report not stored; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
+                // The server may have restarted without the report queue (a memory stream).
+                if let Err(e) = state.args.streams.ensure_queues().await {
+                    tracing::debug!(error = %e, "queues not recreated yet");
+                }
             }
             Err(e) => {
                 // Leave the task unacked: JetStream redelivers it and the attempt runs again.
@@ -765,7 +779,11 @@ async fn finish(
             }
         }
     }
-    if let Err(e) = faults::call("task ack", message.double_ack()).await {
+    // A plain ack, not a double one: waiting for the server's answer would hold the pool
+    // for a round trip per task, and for 5 s per task after a reconnect (the answer never
+    // comes from a server that lost the queue). If the ack is lost the task is redelivered
+    // and its second report dropped as stale: the report above is what counts.
+    if let Err(e) = faults::call("task ack", message.ack()).await {
         tracing::warn!(error = %e, "task ack failed (it may be redelivered; its report is stored)");
     }
     tracing::info!(activity = %task.activity, run_id = %task.run_id, seq = task.seq, attempt = task.attempt, outcome,
