@@ -26,14 +26,14 @@ use baton_transport::{
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
 use crate::{
     Registry,
     context::Command,
     error::ActivityError,
     history::{Event, EventKind},
-    journal::{IdPolicies, Journal, ParentRef, RunRecord, RunStatus, StartOutcome},
+    journal::{self, IdPolicies, Journal, ParentRef, RunRecord, RunStatus, StartOutcome},
     now_ms,
     options::{ActivityOptions, CancellationType, ChildOptions},
     replay::Execution,
@@ -85,15 +85,6 @@ impl Runtime {
         None
     }
 
-    /// Brings up the execution of `run_id` from the journal, its mirror repaired first, if
-    /// the journal holds it open (and retries while the journal or JetStream fails).
-    pub(crate) fn restart_run(&self, run_id: &str) {
-        if let Some(s) = self.supervisor.get() {
-            let run_id = run_id.to_string();
-            let _ = s.send_message(SupervisorMsg::Restart { run_id });
-        }
-    }
-
     /// Starts the execution actor of a run just created in the journal.
     pub(crate) fn spawn_run(self: &Arc<Self>, run: RunRecord, history: Vec<Event>) {
         let Some(supervisor) = self.supervisor.get() else {
@@ -105,10 +96,42 @@ impl Runtime {
             run,
             history,
             mode: StartMode::New,
+            start: None,
         };
         if let Err(e) = supervisor.send_message(SupervisorMsg::Spawn(args)) {
             tracing::error!(error = %e, "supervisor gone; the run starts at the next restart");
         }
+    }
+
+    /// Creates a run that is not in the journal yet: its execution runs the workflow's
+    /// first activation, then creates the run in the journal (compare-and-set on its
+    /// workflow ID, by `policies`) together with the events of what the code did first,
+    /// in one commit, and only then lets those effects leave. Answers what the journal
+    /// decided; an execution whose start was a duplicate stops without a trace.
+    pub(crate) async fn start_run(
+        self: &Arc<Self>,
+        run: RunRecord,
+        history: Vec<Event>,
+        policies: IdPolicies,
+    ) -> Result<StartOutcome, journal::Error> {
+        let not_started = || {
+            journal::Error::Invalid(
+                "the run's execution did not start; nothing was recorded".into(),
+            )
+        };
+        let supervisor = self.supervisor.get().ok_or_else(not_started)?;
+        let (reply, rx) = oneshot::channel();
+        let args = ExecArgs {
+            rt: self.clone(),
+            run,
+            history,
+            mode: StartMode::New,
+            start: Some(StartGate { policies, reply }),
+        };
+        supervisor
+            .send_message(SupervisorMsg::Spawn(args))
+            .map_err(|_| not_started())?;
+        rx.await.unwrap_or_else(|_| Err(not_started()))
     }
 }
 
@@ -395,6 +418,10 @@ pub(crate) struct ExecState {
     armed: Vec<Armed>,
     /// What `post_start` still has to do (taken there).
     startup: Option<Startup>,
+    /// A run not in the journal yet: its first events, committed with the first step's.
+    unstarted: Option<(Vec<Event>, StartGate)>,
+    /// The start was a duplicate: the execution is stopping and does nothing more.
+    discarded: bool,
 }
 
 /// A message armed with `send_after`.
@@ -495,6 +522,14 @@ pub(crate) struct ExecArgs {
     pub(crate) history: Vec<Event>,
     /// Why the actor starts.
     pub(crate) mode: StartMode,
+    /// Set for a run the journal does not hold yet (see [`Runtime::start_run`]).
+    pub(crate) start: Option<StartGate>,
+}
+
+/// How a new run's start is decided and answered.
+pub(crate) struct StartGate {
+    pub(crate) policies: IdPolicies,
+    pub(crate) reply: oneshot::Sender<Result<StartOutcome, journal::Error>>,
 }
 
 /// Why an execution actor starts.
@@ -525,6 +560,7 @@ impl Actor for ExecutionActor {
             run,
             history,
             mode,
+            start,
         } = args;
         let def = rt
             .registry
@@ -716,6 +752,8 @@ impl Actor for ExecutionActor {
                 mode,
                 cancel_fx,
             }),
+            unstarted: start.map(|gate| (history, gate)),
+            discarded: false,
         };
         Ok(state)
     }
@@ -738,8 +776,12 @@ impl Actor for ExecutionActor {
             return Ok(());
         };
         let recovering = mode == StartMode::Recovering;
-        if state.blocked.is_none() {
+        // A new run's start is committed here, blocked or not (then with no step).
+        if state.blocked.is_none() || state.unstarted.is_some() {
             state.record(now_ms(), Vec::new(), ahead, &myself).await?;
+            if state.discarded {
+                return Ok(());
+            }
         }
         if let Some(reason) = &state.blocked {
             tracing::error!(workflow_id = %state.run.workflow_id, run_id = %state.run.run_id, %reason,
@@ -1788,7 +1830,7 @@ impl ExecState {
                 }
             }
         }
-        if kinds.is_empty() {
+        if kinds.is_empty() && self.unstarted.is_none() {
             return Ok(());
         }
         let events: Vec<Event> = kinds
@@ -1837,10 +1879,9 @@ impl ExecState {
             };
             (record, first)
         });
-        self.rt
-            .journal
-            .append_with(&self.run.run_id, events.clone(), successor.clone())
-            .await?;
+        if !self.commit(&events, successor.clone(), myself).await? {
+            return Ok(());
+        }
         self.next_event_id += events.len() as u32;
         self.run.last_event_id = self.next_event_id - 1;
         if close.is_some() {
@@ -1902,6 +1943,50 @@ impl ExecState {
             myself.stop(Some("closed".into()));
         }
         Ok(())
+    }
+
+    /// Makes `events` durable: appends them to the run, or, for a run the journal does not
+    /// hold yet, creates it with its first events and these in one commit (unless these
+    /// close the run at once: then the start is committed first, on its own, as the
+    /// journal's start takes no close). Returns false when the start was a duplicate: the
+    /// execution then stops, having let nothing out.
+    async fn commit(
+        &mut self,
+        events: &[Event],
+        successor: Option<(RunRecord, Vec<Event>)>,
+        myself: &ActorRef<ExecMsg>,
+    ) -> Result<bool, ActorProcessingErr> {
+        if let Some((first, gate)) = self.unstarted.take() {
+            let fuse = successor.is_none() && !events.iter().any(|e| e.kind.is_close());
+            let mut all = first;
+            if fuse {
+                all.extend_from_slice(events);
+            }
+            let mut record = self.run.clone();
+            record.last_event_id = all.len() as u32;
+            let outcome = self.rt.journal.start_with(record, all, gate.policies).await;
+            let failed = outcome.as_ref().err().cloned();
+            let started = matches!(outcome, Ok(StartOutcome::Started));
+            let _ = gate.reply.send(outcome);
+            if let Some(e) = failed {
+                // The supervisor restarts the run from the journal if the commit held.
+                return Err(e.into());
+            }
+            if !started {
+                self.discarded = true;
+                myself.stop(Some("duplicate start".into()));
+                return Ok(false);
+            }
+            tracing::info!(workflow_id = %self.run.workflow_id, run_id = %self.run.run_id, "workflow started");
+            if fuse || events.is_empty() {
+                return Ok(true);
+            }
+        }
+        self.rt
+            .journal
+            .append_with(&self.run.run_id, events.to_vec(), successor)
+            .await?;
+        Ok(true)
     }
 
     /// Publishes the current attempt of each activity. With `check_queued`, an attempt whose
@@ -2115,6 +2200,7 @@ impl Actor for Supervisor {
                     run,
                     history,
                     mode: StartMode::Rehydrating,
+                    start: None,
                 };
                 state
                     .rt
@@ -2150,6 +2236,7 @@ impl Actor for Supervisor {
                     run,
                     history,
                     mode: StartMode::Recovering,
+                    start: None,
                 };
                 spawn(&myself, state, args).await?;
                 if let Some(actor) = state

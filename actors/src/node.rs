@@ -175,6 +175,7 @@ impl Orchestrator {
                     run,
                     history,
                     mode: StartMode::Recovering,
+                    start: None,
                 }))
                 .map_err(|e| Error::Actor(e.to_string()))?;
         }
@@ -609,23 +610,16 @@ fn handle_start(
             // Signal-with-start: a running run takes the signal.
             policies.conflict = IdConflictPolicy::UseExisting;
         }
-        match rt
-            .journal
-            .start_with(record.clone(), events.clone(), policies)
-            .await
-        {
-            Ok(StartOutcome::Started) => {
-                rt.spawn_run(record, events);
-                tracing::info!(%workflow_id, %run_id, "workflow started");
-                Reply::ok(
-                    format,
-                    &StartReply {
-                        workflow_id,
-                        run_id,
-                        status: StartStatus::Started,
-                    },
-                )
-            }
+        // The run's execution creates it in the journal with its first step, in one commit.
+        match rt.start_run(record, events, policies).await {
+            Ok(StartOutcome::Started) => Reply::ok(
+                format,
+                &StartReply {
+                    workflow_id,
+                    run_id,
+                    status: StartStatus::Started,
+                },
+            ),
             Ok(StartOutcome::Duplicate(existing)) => match signal {
                 Some((name, input)) if existing.status == RunStatus::Running => {
                     match deliver(&rt, &workflow_id, |reply| ExecMsg::Signal {
@@ -675,10 +669,10 @@ fn handle_start(
                 ),
             ),
             Err(e) => {
-                tracing::error!(error = %e, %workflow_id, "start not made durable");
                 // The commit may have held all the same (its mirror publish, or a sync after
-                // the data landed, failed): the supervisor runs the run if redb has it.
-                rt.restart_run(&run_id);
+                // the data landed, failed): the execution failed, and its supervisor
+                // restarts it if redb has the run.
+                tracing::error!(error = %e, %workflow_id, "start not made durable");
                 Reply::err(
                     format,
                     ErrorCode::Unavailable,
