@@ -39,9 +39,6 @@ const OPEN: TableDefinition<&str, u8> = TableDefinition::new("open");
 /// Most requests committed in one transaction.
 const MAX_GROUP: usize = 512;
 
-/// Committed groups waiting for their mirror append while the next one commits.
-const MIRROR_PIPELINE: usize = 1;
-
 /// Errors of the journal.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -557,7 +554,6 @@ impl Journal {
 
 /// The single writer: owns the commit loop. Holds no sender, so it ends (and releases the
 /// file) when the last [`Journal`] handle is dropped.
-#[derive(Clone)]
 struct Writer {
     db: Arc<Store>,
     mirror: Option<Streams>,
@@ -565,16 +561,7 @@ struct Writer {
 }
 
 impl Writer {
-    /// The commit loop, in two stages: this task commits a group to redb and hands it to
-    /// the mirror stage, which publishes it to JetStream and answers it. While one group
-    /// is being mirrored, the next one is committed: the two round trips overlap instead
-    /// of adding up. Every request is still answered only after both its redb commit and
-    /// its mirror append are durable; groups are mirrored in commit order, and a run has
-    /// one append in flight at a time (its execution awaits each), so a run's mirror
-    /// messages keep its events' order.
     async fn run(self, mut rx: mpsc::Receiver<Request>) {
-        let (to_mirror, committed) = mpsc::channel(MIRROR_PIPELINE);
-        let mirror = tokio::spawn(self.clone().mirror_stage(committed));
         while let Some(first) = rx.recv().await {
             let mut group = vec![first];
             while group.len() < MAX_GROUP {
@@ -589,31 +576,21 @@ impl Writer {
                 Err(e) => Err((group, e)),
             })
             .await;
-            match committed {
-                Ok(Ok(x)) => {
-                    if to_mirror.send(x).await.is_err() {
-                        break;
-                    }
-                }
+            let (group, outcomes) = match committed {
+                Ok(Ok(x)) => x,
                 Ok(Err((group, e))) => {
                     // Nothing of the group was acknowledged. The database is reopened
                     // before the next commit (which repairs it).
                     tracing::error!(error = %e, "journal commit failed");
                     self.db.invalidate();
                     fail_all(group, e);
+                    continue;
                 }
                 Err(join) => {
                     tracing::error!(error = %join, "journal commit task panicked");
+                    continue;
                 }
-            }
-        }
-        drop(to_mirror);
-        let _ = mirror.await;
-    }
-
-    /// The second stage: mirrors each committed group, in order, and answers it.
-    async fn mirror_stage(self, mut committed: mpsc::Receiver<(Vec<Request>, Vec<Outcome>)>) {
-        while let Some((group, outcomes)) = committed.recv().await {
+            };
             let mirrored = self.mirror_group(&group, &outcomes).await;
             answer(group, outcomes, mirrored);
         }
