@@ -81,7 +81,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         shutdown_grace_ms: u64,
         #[command(flatten)]
-        batching: BatchArgs,
+        model: ModelArgs,
     },
     /// Start a workflow.
     Start {
@@ -235,9 +235,22 @@ impl CacheArgs {
     }
 }
 
-/// How a worker's `run_inference` attempts share forward passes of the model.
+/// How a worker runs the model: its sessions and threads, and how its `run_inference`
+/// attempts share forward passes.
 #[derive(clap::Args, Clone, Debug)]
-struct BatchArgs {
+struct ModelArgs {
+    /// ONNX Runtime sessions of the embedding model: how many model calls (a batch of
+    /// `run_inference`, a chunk of `compute_embeddings`) run at once in this worker.
+    #[arg(long, env = "BATON_MODEL_SESSIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    model_sessions: u16,
+    /// Intra-op threads of each session. On a CPU worker that serves concurrent work,
+    /// one single-threaded session per core (`--model-sessions <cores> --model-threads
+    /// 1`) avoids the threads of one call waiting, spinning, for each other: see
+    /// BENCHMARKS.md, "Embedding throughput".
+    #[arg(long, env = "BATON_MODEL_THREADS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    model_threads: u16,
     /// Most `run_inference` texts embedded in one forward pass (1: one at a time). The
     /// attempts running at once in this worker (up to its concurrency) form the batches.
     #[arg(long, env = "BATON_GPU_MAX_BATCH", default_value_t = BatchOptions::default().max_batch)]
@@ -249,8 +262,8 @@ struct BatchArgs {
     gpu_batch_wait_ms: u64,
 }
 
-impl BatchArgs {
-    fn options(&self) -> BatchOptions {
+impl ModelArgs {
+    fn batching(&self) -> BatchOptions {
         BatchOptions {
             max_batch: self.gpu_max_batch,
             max_wait: Duration::from_millis(self.gpu_batch_wait_ms),
@@ -285,7 +298,7 @@ pub struct DevArgs {
     #[command(flatten)]
     cache: CacheArgs,
     #[command(flatten)]
-    batching: BatchArgs,
+    model: ModelArgs,
     /// `baton demo` only: sequential runs of each workflow for the latency figures (0: none).
     #[arg(long, default_value_t = 20)]
     latency_runs: usize,
@@ -313,8 +326,12 @@ pub fn baton_home() -> PathBuf {
 }
 
 /// The process's models (loaded lazily) and, once [`open_index`] set it, its vector index.
-fn models(batching: BatchOptions) -> Arc<Models> {
-    Arc::new(Models::new(baton_home()).with_batching(batching))
+fn models(args: &ModelArgs) -> Arc<Models> {
+    Arc::new(
+        Models::new(baton_home())
+            .with_sessions(args.model_sessions.into(), args.model_threads.into())
+            .with_batching(args.batching()),
+    )
 }
 
 fn registry(models: &Arc<Models>) -> anyhow::Result<Registry> {
@@ -415,7 +432,7 @@ impl Dev {
             }
         };
         let client = connect(&url).await?;
-        let models = models(args.batching.options());
+        let models = models(&args.model);
         // Fine-tuned heads, checkpoints and datasets live in JetStream (KV + object store).
         models.attach_jetstream(async_nats::jetstream::new(client.clone()));
         let index_dir = args
@@ -553,7 +570,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             options.storage_faults = storage_faults.clone();
             let node = Orchestrator::start(
                 client.clone(),
-                registry(&models(BatchOptions::default()))?,
+                registry(&Arc::new(Models::new(baton_home())))?,
                 options,
             )
             .await?;
@@ -573,10 +590,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             concurrency,
             index_dir,
             shutdown_grace_ms,
-            batching,
+            model,
         } => {
             let client = connect(&nats.nats_url).await?;
-            let models = models(batching.options());
+            let models = models(&model);
             models.attach_jetstream(async_nats::jetstream::new(client.clone()));
             let mut search = None;
             if queue == ingest::INDEX_QUEUE {
@@ -712,7 +729,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Replay { file } => {
             let report = baton_orchestrator::replay_check::replay_file(
-                &registry(&models(BatchOptions::default()))?,
+                &registry(&Arc::new(Models::new(baton_home())))?,
                 &file,
             )?;
             println!(
@@ -834,7 +851,30 @@ fn print_result(r: ResultReply) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::abridge;
+    use clap::Parser;
+
+    use super::{Cli, Cmd, abridge};
+
+    fn worker_model(args: &[&str]) -> Result<(u16, u16), clap::Error> {
+        let argv = ["baton", "worker", "--queue", "gpu"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Cmd::Worker { model, .. } => Ok((model.model_sessions, model.model_threads)),
+            _ => unreachable!("parsed a worker"),
+        }
+    }
+
+    #[test]
+    fn model_sessions_and_threads_default_and_bounds() {
+        assert_eq!(worker_model(&[]).unwrap(), (1, 2));
+        assert_eq!(
+            worker_model(&["--model-sessions", "2", "--model-threads", "1"]).unwrap(),
+            (2, 1)
+        );
+        for bad in [["--model-sessions", "0"], ["--model-threads", "0"]] {
+            let e = worker_model(&bad).unwrap_err().to_string();
+            assert!(e.contains("0 is not in"), "{e}");
+        }
+    }
 
     #[test]
     fn abridge_flattens_and_cuts_at_a_word() {

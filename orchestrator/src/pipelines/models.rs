@@ -208,6 +208,14 @@ impl Models {
         }
     }
 
+    /// The same models, the embedder run as `sessions` ONNX Runtime sessions (model calls
+    /// at once) of `intra_threads` threads each.
+    pub fn with_sessions(mut self, sessions: usize, intra_threads: usize) -> Models {
+        self.config.sessions = sessions.max(1);
+        self.config.intra_threads = intra_threads.max(1);
+        self
+    }
+
     /// The same models, with `run_inference`'s dynamic batching set to `batching`
     /// (`max_batch` 1: one text per forward pass).
     pub fn with_batching(mut self, batching: BatchOptions) -> Models {
