@@ -2184,9 +2184,27 @@ impl Actor for Supervisor {
                 {
                     return Ok(());
                 }
+                // A run whose last append failed in redb after its mirror stored it: redb
+                // adopts the mirror's events first (as a restart does).
+                if state.rt.journal.mirror_ahead(&run_id)
+                    && let Err(e) = state.rt.journal.reconcile_mirror(&run_id).await
+                {
+                    tracing::warn!(%run_id, error = %e, "mirror not reconciled yet; rehydrating later");
+                    myself.send_after(Duration::from_secs(1), move || SupervisorMsg::Rehydrate {
+                        run_id,
+                    });
+                    return Ok(());
+                }
                 let (run, history) = match read_open_run(&state.rt, &run_id) {
                     Ok(Some(x)) => x,
-                    Ok(None) => return Ok(()),
+                    Ok(None) => {
+                        // Closed, perhaps only now, by a close the mirror held and redb
+                        // adopted: wake whoever waits for the result.
+                        if let Ok(Some(run)) = state.rt.journal.run(&run_id) {
+                            let _ = state.rt.closed.send(run.workflow_id);
+                        }
+                        return Ok(());
+                    }
                     Err(e) => {
                         tracing::warn!(%run_id, error = %e, "journal unreadable; rehydrating later");
                         myself.send_after(Duration::from_secs(1), move || {
@@ -2224,7 +2242,14 @@ impl Actor for Supervisor {
                 }
                 let (run, history) = match read_open_run(&state.rt, &run_id) {
                     Ok(Some(x)) => x,
-                    Ok(None) => return Ok(()),
+                    Ok(None) => {
+                        // Closed, perhaps only now, by a close the mirror held and redb
+                        // adopted: wake whoever waits for the result.
+                        if let Ok(Some(run)) = state.rt.journal.run(&run_id) {
+                            let _ = state.rt.closed.send(run.workflow_id);
+                        }
+                        return Ok(());
+                    }
                     Err(e) => {
                         tracing::warn!(%run_id, error = %e, "journal unreadable; retrying the restart");
                         retry(&myself, run_id);

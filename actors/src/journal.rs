@@ -13,7 +13,7 @@
 //! ((run_id, event id) -> [`Event`]), `open` (run_id -> 0, the runs to recover).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -238,6 +238,8 @@ enum Request {
         run_id: String,
         events: Vec<Event>,
         successor: Option<Successor>,
+        /// False for events adopted from the mirror (already there): redb only.
+        mirror: bool,
         reply: oneshot::Sender<Result<(), Error>>,
     },
 }
@@ -326,6 +328,8 @@ pub struct Journal {
     tx: mpsc::Sender<Request>,
     mirror: Option<Streams>,
     chain: Arc<tokio::sync::Mutex<HashMap<String, u64>>>,
+    /// See [`Writer::ahead`].
+    ahead: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 impl Journal {
@@ -353,12 +357,15 @@ impl Journal {
             db: Arc::new(store),
             mirror,
             chain: Arc::default(),
+            known: HashMap::new(),
+            ahead: Arc::default(),
         };
         let journal = Journal {
             db: writer.db.clone(),
             tx,
             mirror: writer.mirror.clone(),
             chain: writer.chain.clone(),
+            ahead: writer.ahead.clone(),
         };
         tokio::spawn(writer.run(rx));
         Ok(journal)
@@ -423,6 +430,7 @@ impl Journal {
                 run_id: run_id.into(),
                 events,
                 successor: successor.map(Box::new),
+                mirror: true,
                 reply,
             })
             .await
@@ -501,14 +509,37 @@ impl Journal {
         Ok(out)
     }
 
-    /// Makes the JetStream mirror of a run hold every event redb holds (after a crash
-    /// between the redb commit and the mirror publish), and learns the mirror's chain head.
+    /// Whether the run's mirror may hold an append redb lacks (its commit failed after
+    /// the mirror stored it): [`Journal::reconcile_mirror`] it before rebuilding the run.
+    pub fn mirror_ahead(&self, run_id: &str) -> bool {
+        self.ahead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(run_id)
+    }
+
+    /// Makes the two stores of a run agree, after a crash or a failed write between them,
+    /// and learns the mirror's chain head. redb ahead (its commit held, the mirror publish
+    /// did not): the missing events are published. The mirror ahead by its last message
+    /// (a lone append's publish overlaps its commit, and the commit failed): that
+    /// message's events are adopted into redb. They were never acknowledged, and nothing
+    /// they caused left the node; adopting them is what a successful commit would have
+    /// done. Call it before an execution is rebuilt from redb.
     pub async fn reconcile_mirror(&self, run_id: &str) -> Result<(), Error> {
+        self.reconcile(run_id).await?;
+        self.ahead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(run_id);
+        Ok(())
+    }
+
+    async fn reconcile(&self, run_id: &str) -> Result<(), Error> {
         let Some(streams) = &self.mirror else {
             return Ok(());
         };
         let subject = subject::history(run_id);
-        let (mirrored, head) = match streams
+        let (last_batch, head) = match streams
             .history
             .get_last_raw_message_by_subject(&subject)
             .await
@@ -516,21 +547,59 @@ impl Journal {
             Ok(m) => {
                 let batch: MirrorBatch = codec::decode(&m.payload)
                     .map_err(|e| Error::Corrupt(format!("mirror of {run_id}: {e}")))?;
-                (batch.events.last().map_or(0, |e| e.id), m.sequence)
+                (Some(batch), m.sequence)
             }
             Err(e)
                 if e.kind()
                     == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
             {
-                (0, 0)
+                (None, 0)
             }
             Err(e) => return Err(Error::Mirror(e.to_string())),
         };
-        let missing: Vec<Event> = self
-            .history(run_id)?
-            .into_iter()
-            .filter(|e| e.id > mirrored)
-            .collect();
+        let mirrored = last_batch
+            .as_ref()
+            .and_then(|b| b.events.last())
+            .map_or(0, |e| e.id);
+        let history = self.history(run_id)?;
+        let recorded = history.last().map_or(0, |e| e.id);
+        if mirrored > recorded
+            && let Some(batch) = last_batch
+        {
+            if batch.events.first().map(|e| e.id) != Some(recorded + 1) {
+                return Err(Error::Corrupt(format!(
+                    "the mirror of run {run_id} holds events up to {mirrored} that redb (up to \
+                     {recorded}) lacks, beyond its last message"
+                )));
+            }
+            tracing::warn!(
+                run_id,
+                from = recorded + 1,
+                count = batch.events.len(),
+                "adopting the mirror's last append into redb"
+            );
+            let closes = batch.events.last().is_some_and(|e| e.kind.is_close());
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(Request::Append {
+                    run_id: run_id.into(),
+                    events: batch.events,
+                    successor: None,
+                    mirror: false,
+                    reply,
+                })
+                .await
+                .map_err(|_| Error::Closed)?;
+            rx.await.map_err(|_| Error::Closed)??;
+            let mut chain = self.chain.lock().await;
+            if closes {
+                chain.remove(run_id);
+            } else {
+                chain.insert(run_id.into(), head);
+            }
+            return Ok(());
+        }
+        let missing: Vec<Event> = history.into_iter().filter(|e| e.id > mirrored).collect();
         let mut chain = self.chain.lock().await;
         chain.insert(run_id.into(), head);
         if missing.is_empty() {
@@ -558,10 +627,25 @@ struct Writer {
     db: Arc<Store>,
     mirror: Option<Streams>,
     chain: Arc<tokio::sync::Mutex<HashMap<String, u64>>>,
+    /// Open runs whose last write this writer made in both stores: run ID -> (workflow
+    /// ID, last event ID). An append that follows on is known to be valid before redb
+    /// checks it, so its mirror publish may overlap its commit (see [`Writer::overlap`]).
+    known: HashMap<String, (String, u32)>,
+    /// Runs whose mirror holds an append that redb failed to commit (until
+    /// [`Journal::reconcile_mirror`] adopts it).
+    ahead: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+/// A lone append's mirror message, made before its commit so that both can run at once.
+struct Overlap {
+    run_id: String,
+    headers: HeaderMap,
+    bytes: Vec<u8>,
+    closes: bool,
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::Receiver<Request>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         while let Some(first) = rx.recv().await {
             let mut group = vec![first];
             while group.len() < MAX_GROUP {
@@ -569,6 +653,10 @@ impl Writer {
                     Ok(r) => group.push(r),
                     Err(_) => break,
                 }
+            }
+            if let Some(overlap) = self.overlap(&group) {
+                self.commit_overlapped(group, overlap).await;
+                continue;
             }
             let store = self.db.clone();
             let committed = tokio::task::spawn_blocking(move || match store.get() {
@@ -592,7 +680,175 @@ impl Writer {
                 }
             };
             let mirrored = self.mirror_group(&group, &outcomes).await;
+            self.learn(&group, &outcomes, &mirrored);
             answer(group, outcomes, mirrored);
+        }
+    }
+
+    /// Whether a group can have its mirror publish overlap its redb commit, and the
+    /// message if so: a lone append of small events that follows on what this writer last
+    /// wrote of its run in both stores (so redb will not refuse it), with a known chain
+    /// head. Everything else (starts, whose compare-and-set redb decides; continue-as-new;
+    /// groups; large events) commits to redb first, then mirrors.
+    ///
+    /// Why it is safe: the append is answered only when both stores hold it, as always.
+    /// If the commit fails and the publish held, the mirror is one append ahead of redb;
+    /// the run's execution fails and is restarted from the journal only after
+    /// [`Journal::reconcile_mirror`] has adopted that message into redb.
+    fn overlap(&self, group: &[Request]) -> Option<Overlap> {
+        let streams = self.mirror.as_ref()?;
+        let [
+            Request::Append {
+                run_id,
+                events,
+                successor: None,
+                mirror: true,
+                ..
+            },
+        ] = group
+        else {
+            return None;
+        };
+        let (workflow_id, last) = self.known.get(run_id)?;
+        if events.first()?.id != last + 1 || events.windows(2).any(|w| w[1].id != w[0].id + 1) {
+            return None;
+        }
+        let head = *self.chain.try_lock().ok()?.get(run_id)?;
+        let (headers, bytes) =
+            mirror_message(streams, workflow_id, run_id, events, Some(head)).ok()??;
+        Some(Overlap {
+            run_id: run_id.clone(),
+            headers,
+            bytes,
+            closes: events.last().is_some_and(|e| e.kind.is_close()),
+        })
+    }
+
+    /// Commits a lone append to redb while its mirror message is published (see
+    /// [`Writer::overlap`]), and answers it once both are done.
+    async fn commit_overlapped(&mut self, group: Vec<Request>, overlap: Overlap) {
+        let Some(streams) = self.mirror.clone() else {
+            return;
+        };
+        let Overlap {
+            run_id,
+            headers,
+            bytes,
+            closes,
+        } = overlap;
+        let mut chain = self.chain.lock().await;
+        let store = self.db.clone();
+        let committing = tokio::task::spawn_blocking(move || match store.get() {
+            Ok(db) => commit(&db, group),
+            Err(e) => Err((group, e)),
+        });
+        let publish = async {
+            let ack = baton_transport::faults::call(
+                "mirror publish",
+                streams
+                    .js
+                    .publish_with_headers(subject::history(&run_id), headers, bytes.into()),
+            )
+            .await
+            .map_err(|e| Error::Mirror(e.to_string()))?;
+            baton_transport::faults::call("mirror ack", ack)
+                .await
+                .map_err(|e| Error::Mirror(format!("run {run_id}: {e}")))
+        };
+        let (committed, published) = tokio::join!(committing, publish);
+        let mut failed = HashMap::new();
+        match &published {
+            Ok(ack) if !closes => {
+                chain.insert(run_id.clone(), ack.sequence);
+            }
+            Ok(_) => {
+                chain.remove(&run_id);
+            }
+            Err(e) => {
+                chain.remove(&run_id);
+                failed.insert(run_id.clone(), e.clone());
+            }
+        }
+        drop(chain);
+        match committed {
+            Ok(Ok((group, outcomes))) => {
+                if published.is_ok() && !matches!(outcomes.first(), Some(Outcome::Written(_))) {
+                    // `overlap` predicted the commit; a refusal here is a bug, and the
+                    // mirror now holds events redb refused.
+                    tracing::error!(%run_id, "redb refused an append the mirror stored");
+                    self.chain.lock().await.remove(&run_id);
+                    self.mark_ahead(&run_id);
+                }
+                self.learn(&group, &outcomes, &failed);
+                answer(group, outcomes, failed);
+            }
+            Ok(Err((group, e))) => {
+                tracing::error!(error = %e, %run_id, mirrored = published.is_ok(), "journal commit failed");
+                if published.is_ok() {
+                    self.mark_ahead(&run_id);
+                }
+                self.db.invalidate();
+                self.known.remove(&run_id);
+                fail_all(group, e);
+            }
+            Err(join) => {
+                tracing::error!(error = %join, "journal commit task panicked");
+                self.known.remove(&run_id);
+                if published.is_ok() {
+                    self.mark_ahead(&run_id);
+                }
+            }
+        }
+    }
+
+    fn mark_ahead(&self, run_id: &str) {
+        self.ahead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(run_id.to_string());
+    }
+
+    /// Remembers what the group wrote to both stores, for [`Writer::overlap`].
+    fn learn(&mut self, group: &[Request], outcomes: &[Outcome], failed: &HashMap<String, Error>) {
+        if self.mirror.is_none() {
+            return;
+        }
+        for (req, outcome) in group.iter().zip(outcomes) {
+            let mut written: Vec<(&String, &[Event])> = Vec::with_capacity(2);
+            let workflow_id = match outcome {
+                Outcome::Written(w) => Some(w),
+                _ => None,
+            };
+            match req {
+                Request::Start { record, events, .. } => written.push((&record.run_id, events)),
+                Request::Append {
+                    run_id,
+                    events,
+                    successor,
+                    mirror,
+                    ..
+                } => {
+                    if !mirror {
+                        self.known.remove(run_id);
+                        continue;
+                    }
+                    written.push((run_id, events));
+                    if let Some(next) = successor {
+                        written.push((&next.0.run_id, &next.1));
+                    }
+                }
+            }
+            for (run_id, events) in written {
+                let last = events.last();
+                match (workflow_id, last) {
+                    (Some(w), Some(e)) if !e.kind.is_close() && !failed.contains_key(run_id) => {
+                        self.known.insert(run_id.clone(), (w.clone(), e.id));
+                    }
+                    _ => {
+                        self.known.remove(run_id);
+                    }
+                }
+            }
         }
     }
 
@@ -619,6 +875,7 @@ impl Writer {
                 Request::Start { record, events, .. } => {
                     parts.push((&record.run_id, events.as_slice()))
                 }
+                Request::Append { mirror: false, .. } => continue,
                 Request::Append {
                     run_id,
                     events,

@@ -156,13 +156,22 @@ impl Orchestrator {
                 let rt = rt.clone();
                 async move {
                     rt.journal.reconcile_mirror(&run.run_id).await?;
-                    let history = rt.journal.history(&run.run_id)?;
+                    // Read again: the reconciliation may have adopted events (a close too).
+                    let run = rt
+                        .journal
+                        .run(&run.run_id)?
+                        .filter(|r| r.closed_ms.is_none());
+                    let history = match &run {
+                        Some(run) => rt.journal.history(&run.run_id)?,
+                        None => Vec::new(),
+                    };
                     Ok::<_, Error>((run, history))
                 }
             })
             .buffer_unordered(RECOVERY_CONCURRENCY);
         while let Some(r) = ready.next().await {
             let (run, history) = r?;
+            let Some(run) = run else { continue };
             // One line per run, unless there are so many that they would drown the log.
             if recovered <= RECOVERY_LOG_EACH {
                 tracing::info!(workflow_id = %run.workflow_id, run_id = %run.run_id, events = history.len(), "recovering run");

@@ -5,6 +5,7 @@
 use baton_actors::{
     history::{Event, EventKind},
     journal::{Journal, RunRecord, RunStatus, StartOutcome},
+    storage::StorageFaults,
 };
 use baton_tests::NatsServer;
 use baton_transport::{Payload, jetstream::Streams, subject};
@@ -108,5 +109,57 @@ async fn a_group_commit_is_mirrored_in_atomic_batches_and_a_stale_writer_is_refu
             assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
         }
     }
+    Ok(())
+}
+
+/// A lone append's mirror publish overlaps its redb commit. When the commit fails (a full
+/// disk) and the publish held, the mirror is one append ahead: the append is refused, and
+/// reconciling the run adopts the mirror's message into redb, after which the two stores
+/// agree and the run goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mirror_ahead_of_a_failed_commit_is_adopted_by_the_reconciliation() -> anyhow::Result<()>
+{
+    let nats = NatsServer::start().await?;
+    let client = nats.connect().await?;
+    let streams = Streams::ensure(&client).await?;
+    let dir = tempfile::tempdir()?;
+    let faults = StorageFaults::none();
+    let journal = Journal::open_with(
+        &dir.path().join("journal.redb"),
+        Some(streams.clone()),
+        Some(faults.clone()),
+    )?;
+    let run = "ahead";
+    assert!(matches!(
+        journal.start(record(run), started(run)).await?,
+        StartOutcome::Started
+    ));
+    journal.append(run, vec![signal(2)]).await?;
+    assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+
+    faults.set_full(true);
+    let refused = journal.append(run, vec![signal(3)]).await;
+    assert!(refused.is_err(), "a full disk refuses the append");
+    faults.set_full(false);
+    let mirrored = mirrored_events(&client, run).await?;
+    assert_eq!(
+        mirrored.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "the overlapped publish held"
+    );
+    assert_eq!(journal.history(run)?.len(), 2, "redb did not commit");
+
+    journal.reconcile_mirror(run).await?;
+    assert_eq!(
+        journal.history(run)?,
+        mirrored,
+        "redb adopted the mirror's append"
+    );
+    assert_eq!(journal.run(run)?.unwrap().last_event_id, 3);
+    // The chain head was learnt: the run goes on, in both stores.
+    journal.append(run, vec![signal(4)]).await?;
+    journal.append(run, vec![signal(5)]).await?;
+    assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+    assert_eq!(journal.history(run)?.len(), 5);
     Ok(())
 }
