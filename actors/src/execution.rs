@@ -2198,11 +2198,7 @@ impl Actor for Supervisor {
                 let (run, history) = match read_open_run(&state.rt, &run_id) {
                     Ok(Some(x)) => x,
                     Ok(None) => {
-                        // Closed, perhaps only now, by a close the mirror held and redb
-                        // adopted: wake whoever waits for the result.
-                        if let Ok(Some(run)) = state.rt.journal.run(&run_id) {
-                            let _ = state.rt.closed.send(run.workflow_id);
-                        }
+                        announce_closed(&state.rt, &run_id);
                         return Ok(());
                     }
                     Err(e) => {
@@ -2243,11 +2239,7 @@ impl Actor for Supervisor {
                 let (run, history) = match read_open_run(&state.rt, &run_id) {
                     Ok(Some(x)) => x,
                     Ok(None) => {
-                        // Closed, perhaps only now, by a close the mirror held and redb
-                        // adopted: wake whoever waits for the result.
-                        if let Ok(Some(run)) = state.rt.journal.run(&run_id) {
-                            let _ = state.rt.closed.send(run.workflow_id);
-                        }
+                        announce_closed(&state.rt, &run_id);
                         return Ok(());
                     }
                     Err(e) => {
@@ -2307,8 +2299,16 @@ impl Actor for Supervisor {
     }
 }
 
+/// Wakes whoever waits for the result of `run_id` if it is closed: perhaps only now, by
+/// a close the mirror held and redb adopted while its execution was down.
+fn announce_closed(rt: &Runtime, run_id: &str) {
+    if let Ok(Some(run)) = rt.journal.run(run_id) {
+        let _ = rt.closed.send(run.workflow_id);
+    }
+}
+
 /// A run and its history, if it is open.
-fn read_open_run(
+pub(crate) fn read_open_run(
     rt: &Runtime,
     run_id: &str,
 ) -> Result<Option<(RunRecord, Vec<Event>)>, crate::journal::Error> {

@@ -638,6 +638,7 @@ struct Writer {
 
 /// A lone append's mirror message, made before its commit so that both can run at once.
 struct Overlap {
+    streams: Streams,
     run_id: String,
     headers: HeaderMap,
     bytes: Vec<u8>,
@@ -717,6 +718,7 @@ impl Writer {
         let (headers, bytes) =
             mirror_message(streams, workflow_id, run_id, events, Some(head)).ok()??;
         Some(Overlap {
+            streams: streams.clone(),
             run_id: run_id.clone(),
             headers,
             bytes,
@@ -727,10 +729,8 @@ impl Writer {
     /// Commits a lone append to redb while its mirror message is published (see
     /// [`Writer::overlap`]), and answers it once both are done.
     async fn commit_overlapped(&mut self, group: Vec<Request>, overlap: Overlap) {
-        let Some(streams) = self.mirror.clone() else {
-            return;
-        };
         let Overlap {
+            streams,
             run_id,
             headers,
             bytes,
@@ -743,14 +743,7 @@ impl Writer {
             Err(e) => Err((group, e)),
         });
         let publish = async {
-            let ack = baton_transport::faults::call(
-                "mirror publish",
-                streams
-                    .js
-                    .publish_with_headers(subject::history(&run_id), headers, bytes.into()),
-            )
-            .await
-            .map_err(|e| Error::Mirror(e.to_string()))?;
+            let ack = send_mirror(&streams, &run_id, headers, bytes).await?;
             baton_transport::faults::call("mirror ack", ack)
                 .await
                 .map_err(|e| Error::Mirror(format!("run {run_id}: {e}")))
@@ -1152,12 +1145,21 @@ async fn publish_mirror(
     else {
         return Ok(None);
     };
+    send_mirror(streams, run_id, headers, bytes).await.map(Some)
+}
+
+/// Publishes one mirror message of a run; the ack is awaited by the caller.
+async fn send_mirror(
+    streams: &Streams,
+    run_id: &str,
+    headers: HeaderMap,
+    bytes: Vec<u8>,
+) -> Result<PublishAckFuture, Error> {
     let publish = streams
         .js
         .publish_with_headers(subject::history(run_id), headers, bytes.into());
     baton_transport::faults::call("mirror publish", publish)
         .await
-        .map(Some)
         .map_err(|e| Error::Mirror(e.to_string()))
 }
 

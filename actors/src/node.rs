@@ -35,6 +35,7 @@ use crate::{
     Execution, Registry,
     execution::{
         DeliveryError, ExecArgs, ExecMsg, Runtime, StartMode, Supervisor, SupervisorMsg, deliver,
+        read_open_run,
     },
     history::{Event, EventKind},
     journal::{self, IdPolicies, Journal, RunRecord, RunStatus, StartOutcome},
@@ -157,21 +158,12 @@ impl Orchestrator {
                 async move {
                     rt.journal.reconcile_mirror(&run.run_id).await?;
                     // Read again: the reconciliation may have adopted events (a close too).
-                    let run = rt
-                        .journal
-                        .run(&run.run_id)?
-                        .filter(|r| r.closed_ms.is_none());
-                    let history = match &run {
-                        Some(run) => rt.journal.history(&run.run_id)?,
-                        None => Vec::new(),
-                    };
-                    Ok::<_, Error>((run, history))
+                    Ok::<_, Error>(read_open_run(&rt, &run.run_id)?)
                 }
             })
             .buffer_unordered(RECOVERY_CONCURRENCY);
         while let Some(r) = ready.next().await {
-            let (run, history) = r?;
-            let Some(run) = run else { continue };
+            let Some((run, history)) = r? else { continue };
             // One line per run, unless there are so many that they would drown the log.
             if recovered <= RECOVERY_LOG_EACH {
                 tracing::info!(workflow_id = %run.workflow_id, run_id = %run.run_id, events = history.len(), "recovering run");
