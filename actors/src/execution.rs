@@ -2071,6 +2071,9 @@ pub(crate) enum SupervisorMsg {
     Rehydrate { run_id: String },
     /// Check the cache's size again (it was over).
     EnforceCache,
+    /// Have every execution in memory republish the tasks of its in-flight attempts that
+    /// the task queue lacks (the end of recovery).
+    RedispatchAll,
 }
 
 pub(crate) struct SupervisorState {
@@ -2154,6 +2157,21 @@ impl Actor for Supervisor {
             SupervisorMsg::EnforceCache => {
                 state.enforce_armed = false;
                 enforce_cache_size(&myself, state);
+                Ok(())
+            }
+            SupervisorMsg::RedispatchAll => {
+                let executions: Vec<ActorRef<ExecMsg>> = state
+                    .rt
+                    .executions
+                    .lock()
+                    .expect("executions lock")
+                    .values()
+                    .cloned()
+                    .collect();
+                for e in executions {
+                    let _ = e.send_message(ExecMsg::Redispatch);
+                }
+                tracing::info!("recovery complete");
                 Ok(())
             }
             SupervisorMsg::Evicted {

@@ -2,9 +2,11 @@
 //! reports to the execution actors, and on start-up recovers every open run from the
 //! journal.
 //!
-//! Recovery order matters: open runs are rebuilt first (replay, no activity runs again),
-//! then the reports that waited in JetStream while the node was down are applied, and only
-//! then are the tasks of in-flight attempts that JetStream no longer holds republished.
+//! Recovery: open runs are rebuilt first (replay, no activity runs again), then reports
+//! are answered again (workers held them while the node was down and ask again), and the
+//! tasks of in-flight attempts that JetStream no longer holds are republished. A worker
+//! acks a task only once its report was answered, i.e. journaled: a task missing from the
+//! queue is either recorded in the journal or was lost with a NATS server, never both.
 
 use std::{
     collections::HashMap,
@@ -13,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use async_nats::{Client, HeaderMap, jetstream::AckKind};
+use async_nats::{Client, HeaderMap};
 use baton_transport::{
     Format, Payload,
     codec::{self, CONTENT_TYPE, MAX_EDGE_BODY},
@@ -22,7 +24,7 @@ use baton_transport::{
     subject,
     wire::{
         ActivityReport, CloseRequest, ErrorCode, ErrorReply, HistoryReply, HistoryRequest,
-        IdConflictPolicy, ListReply, ListRequest, QueryReply, QueryRequest, ResultReply,
+        IdConflictPolicy, ListReply, ListRequest, QueryReply, QueryRequest, ReportAck, ResultReply,
         ResultRequest, SignalReply, SignalRequest, StartReply, StartRequest, StartStatus,
         WorkflowInfo, WorkflowRef,
     },
@@ -187,29 +189,21 @@ impl Orchestrator {
             "open runs handed to their executions"
         );
 
-        // 2. Apply the reports that waited while the node was down.
-        let consumer = streams.report_consumer().await?;
+        // 2. Answer reports (workers held theirs while the node was down).
+        let reports = client
+            .queue_subscribe(subject::REPORT_ALL, EDGE_QUEUE_GROUP.into())
+            .await
+            .map_err(|e| Error::Transport(baton_transport::Error::Nats(e.to_string())))?;
         let mut tasks = vec![
-            tokio::spawn(report_feed(rt.clone(), consumer.clone())),
+            tokio::spawn(report_feed(rt.clone(), client.clone(), reports)),
             tokio::spawn(watch_queues(rt.clone(), queues)),
         ];
         if recovered > 0 {
-            // 3. Then republish the tasks JetStream no longer holds.
-            let rt2 = rt.clone();
-            tasks.push(tokio::spawn(async move {
-                wait_for_drain(consumer).await;
-                let executions: Vec<ActorRef<ExecMsg>> = rt2
-                    .executions
-                    .lock()
-                    .expect("executions lock")
-                    .values()
-                    .cloned()
-                    .collect();
-                for e in executions {
-                    let _ = e.send_message(ExecMsg::Redispatch);
-                }
-                tracing::info!("recovery complete");
-            }));
+            // 3. Republish the tasks JetStream no longer holds (behind the spawns above in
+            // the supervisor's mailbox, so every recovered execution is asked).
+            supervisor
+                .send_message(SupervisorMsg::RedispatchAll)
+                .map_err(|e| Error::Actor(e.to_string()))?;
         }
 
         let starts = client
@@ -281,44 +275,26 @@ impl Orchestrator {
     }
 }
 
-async fn wait_for_drain(consumer: async_nats::jetstream::consumer::PullConsumer) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut consumer = consumer;
-    while tokio::time::Instant::now() < deadline {
-        match consumer.info().await {
-            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => return,
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "report consumer info failed"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tracing::warn!("reports still pending after 10 s; redispatching anyway");
-}
-
-/// How often the orchestrator checks that the task and report queues are the ones it knows.
+/// How often the orchestrator checks that the task queue is the one it knows.
 const QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Watches the task and report queues (memory streams): when the server lost them (it
-/// restarted), recreates them and the report consumer, then has every open run republish
-/// the tasks of its in-flight attempts that the new queue lacks (`SupervisorMsg::Restart`:
-/// a live execution checks its tasks, an evicted one is rebuilt from its journal first).
-/// Reports lost with the old queue come back from the attempts run again, or from the
-/// workers still running them. Nothing durable was lost: the journal holds every attempt.
+/// Watches the task queue (a memory stream): when the server lost it (it restarted),
+/// recreates it, then has every open run republish the tasks of its in-flight attempts
+/// that the new queue lacks (`SupervisorMsg::Restart`: a live execution checks its tasks,
+/// an evicted one is rebuilt from its journal first). Workers still running or reporting
+/// an attempt go on (their report is answered; the republished task's, dropped as stale).
+/// Nothing durable was lost: the journal holds every attempt.
 async fn watch_queues(rt: Arc<Runtime>, mut known: QueuesCreated) {
     loop {
         tokio::time::sleep(QUEUE_CHECK_INTERVAL).await;
         let now = match rt.streams.ensure_queues().await {
             Ok(now) => now,
             Err(e) => {
-                tracing::debug!(error = %e, "task and report queues not checked");
+                tracing::debug!(error = %e, "task queue not checked");
                 continue;
             }
         };
         if now == known {
-            continue;
-        }
-        if let Err(e) = rt.streams.bind_report_consumer().await {
-            tracing::warn!(error = %e, "report consumer not recreated; checking again");
             continue;
         }
         let open = match rt.journal.open_runs() {
@@ -330,7 +306,7 @@ async fn watch_queues(rt: Arc<Runtime>, mut known: QueuesCreated) {
         };
         tracing::warn!(
             open = open.len(),
-            "the task and report queues were recreated (the NATS server lost them): republishing the in-flight tasks"
+            "the task queue was recreated (the NATS server lost it): republishing the in-flight tasks"
         );
         let Some(supervisor) = rt.supervisor.get() else {
             continue;
@@ -342,41 +318,48 @@ async fn watch_queues(rt: Arc<Runtime>, mut known: QueuesCreated) {
     }
 }
 
-/// Feeds reports to their executions; acks each once it is journaled or known stale.
-async fn report_feed(rt: Arc<Runtime>, consumer: async_nats::jetstream::consumer::PullConsumer) {
-    loop {
-        let mut messages = match consumer.messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "report feed: subscribe failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        while let Some(item) = messages.next().await {
-            match item {
-                Ok(message) => {
-                    let rt = rt.clone();
-                    tokio::spawn(async move { on_report(rt, message).await });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "report feed error");
-                    break;
-                }
-            }
-        }
+/// Answers workers' reports (requests on `baton.report.<run_id>`): each is handed to its
+/// run's execution and answered once the journal holds it, or it is known stale.
+async fn report_feed(rt: Arc<Runtime>, client: Client, mut sub: async_nats::Subscriber) {
+    while let Some(message) = sub.next().await {
+        let (rt, client) = (rt.clone(), client.clone());
+        tokio::spawn(async move { on_report(rt, client, message).await });
     }
+    tracing::warn!("report subscription ended");
 }
 
-async fn on_report(rt: Arc<Runtime>, message: async_nats::jetstream::Message) {
-    let report: ActivityReport = match codec::decode(&message.payload) {
-        Ok(r) => r,
+async fn on_report(rt: Arc<Runtime>, client: Client, message: async_nats::Message) {
+    let Some(reply_to) = message.reply.clone() else {
+        tracing::warn!(subject = %message.subject, "report without a reply subject ignored");
+        return;
+    };
+    let answer = match codec::decode::<ActivityReport>(&message.payload) {
+        Ok(report) => apply_report(&rt, report).await,
         Err(e) => {
-            tracing::error!(subject = %message.subject, error = %e, "poison report terminated");
-            let _ = message.ack_with(AckKind::Term).await;
+            // Nothing to record: settled, so the worker does not ask again for ever.
+            tracing::error!(subject = %message.subject, error = %e, "malformed report dropped");
+            ReportAck {
+                settled: true,
+                error: Some(format!("malformed report: {e}")),
+            }
+        }
+    };
+    let bytes = match codec::encode(&answer) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "report answer not encodable");
             return;
         }
     };
+    // A lost answer only makes the worker ask again: the report is then known stale.
+    let publish = client.publish(reply_to, bytes.into());
+    if let Err(e) = baton_transport::faults::call("report answer", publish).await {
+        tracing::warn!(error = %e, "report answer failed; the worker asks again");
+    }
+}
+
+/// Hands a report to its run's execution; settled once journaled or known stale.
+async fn apply_report(rt: &Arc<Runtime>, report: ActivityReport) -> ReportAck {
     let outcome = match rt.find_execution(&report.run_id).await {
         Some(actor) => match ractor::call_t!(actor, ExecMsg::Report, 30_000, report.clone()) {
             Ok(Ok(())) => Ok(()),
@@ -395,17 +378,16 @@ async fn on_report(rt: Arc<Runtime>, message: async_nats::jetstream::Message) {
         },
     };
     match outcome {
-        Ok(()) => {
-            // A plain ack: a lost one only brings the report back, to be dropped as stale.
-            if let Err(e) = baton_transport::faults::call("report ack", message.ack()).await {
-                tracing::warn!(error = %e, "report ack failed; it will be redelivered and dropped as stale");
-            }
-        }
+        Ok(()) => ReportAck {
+            settled: true,
+            error: None,
+        },
         Err(e) => {
-            tracing::warn!(run_id = %report.run_id, seq = report.seq, error = %e, "report not applied; redelivering");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
+            tracing::warn!(run_id = %report.run_id, seq = report.seq, error = %e, "report not applied; the worker asks again");
+            ReportAck {
+                settled: false,
+                error: Some(e),
+            }
         }
     }
 }

@@ -5,15 +5,18 @@
 //! - A runner heartbeats to its pool through its [`ActivityContext`]; the pool kills a
 //!   runner that misses its heartbeat deadline or overruns its start-to-close timeout and
 //!   reports the attempt failed. A runner that panics is reported failed at once.
-//! - While a task runs, the pool tells JetStream every second that it is in progress. A
-//!   task is acked only after its report is stored in JetStream, so if the worker process
-//!   dies, the task is redelivered to another worker once `TASK_ACK_WAIT` passes.
+//! - While a task runs, the pool tells JetStream every second that it is in progress.
+//! - A finished attempt's report is a request to the orchestrator (`baton.report.<run_id>`),
+//!   answered once the journal holds its outcome; a reporter task asks until it is
+//!   answered, still telling JetStream that the task is in progress, and only then acks the
+//!   task. So if the worker process dies before that, the task is redelivered to another
+//!   worker once `TASK_ACK_WAIT` passes. The slot is free as soon as the activity returns.
 
 use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -23,7 +26,7 @@ use baton_transport::{
     Payload, codec, faults,
     jetstream::{Streams, heartbeat_key},
     subject,
-    wire::{ActivityOutcome, ActivityReport, ActivityTask, Failure, Liveness},
+    wire::{ActivityOutcome, ActivityReport, ActivityTask, Failure, Liveness, ReportAck},
 };
 use futures::StreamExt;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -72,6 +75,7 @@ impl PoolHandle {
     pub async fn shutdown(self, grace: Duration) -> usize {
         let deadline = Instant::now() + grace;
         let mut running = 0;
+        // Reports on their way count: a shutdown waits for their answers too.
         if let Some(pool) = self.pool().await {
             let _ = pool.send_message(PoolMsg::Drain);
             loop {
@@ -215,6 +219,7 @@ pub async fn start_pool(
         registry,
         options,
         cancels,
+        reporting: Arc::new(AtomicUsize::new(0)),
     };
     let (supervisor, join) = Actor::spawn(None, PoolSupervisor, args).await?;
     Ok(PoolHandle {
@@ -255,7 +260,7 @@ pub enum PoolMsg {
     Fetch,
     /// Start no more tasks (graceful shutdown): tasks still delivered go back to the queue.
     Drain,
-    /// How many activities are running.
+    /// How many activities are running or have reports on their way to the orchestrator.
     Running(ractor::RpcReplyPort<usize>),
     /// End of a graceful shutdown's grace period: hand the running tasks back to the queue
     /// at once (for other workers) and stop their runners; answered when done.
@@ -301,6 +306,9 @@ pub struct PoolArgs {
     /// Activities (`<run_id>.<seq>`) whose workflow asked them to stop, fed by a watch on
     /// the `BATON_CANCELS` bucket.
     cancels: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// Reports on their way to the orchestrator (their tasks not acked yet), across the
+    /// pool actor's restarts.
+    reporting: Arc<AtomicUsize>,
 }
 
 struct Running {
@@ -374,7 +382,8 @@ impl Actor for Pool {
             PoolMsg::Fetch => fetch(&myself, state),
             PoolMsg::Drain => state.draining = true,
             PoolMsg::Running(reply) => {
-                let _ = reply.send(state.running.len());
+                let _ =
+                    reply.send(state.running.len() + state.args.reporting.load(Ordering::Acquire));
             }
             PoolMsg::Abandon(reply) => {
                 let n = state.running.len();
@@ -428,7 +437,7 @@ impl Actor for Pool {
                         Ok(result) => ActivityOutcome::Completed { result },
                         Err(e) => ActivityOutcome::Failed { failure: e.into() },
                     };
-                    finish(state, &r.task, &r.message, r.started, outcome).await;
+                    finish(state, r.task, r.message, r.started, outcome);
                     fetch(&myself, state);
                 }
             }
@@ -472,12 +481,11 @@ impl Actor for Pool {
             kind = %failure.kind, "activity attempt failed in the worker");
         finish(
             state,
-            &r.task,
-            &r.message,
+            r.task,
+            r.message,
             r.started,
             ActivityOutcome::Failed { failure },
-        )
-        .await;
+        );
         fetch(&myself, state);
         Ok(())
     }
@@ -603,12 +611,11 @@ async fn start_task(
         };
         finish(
             state,
-            &task,
-            &message,
+            task,
+            message,
             Instant::now(),
             ActivityOutcome::Failed { failure },
-        )
-        .await;
+        );
         return Ok(());
     };
     let key = state.next_key;
@@ -708,11 +715,21 @@ async fn write_liveness(state: &PoolState, task: &ActivityTask) {
     }
 }
 
-/// Publishes the report (waiting for JetStream to store it), then acks the task.
-async fn finish(
+/// How long a reporter waits for the orchestrator's answer before asking again.
+const REPORT_ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// The first and the longest pause between two tries of a report.
+const REPORT_RETRY_FIRST: Duration = Duration::from_millis(50);
+const REPORT_RETRY_MAX: Duration = Duration::from_secs(2);
+/// How often a task whose report is on its way is said to be in progress (well inside
+/// `TASK_ACK_WAIT`).
+const REPORT_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Hands an attempt's outcome to a reporter task, which asks the orchestrator to record it
+/// and then acks the task (see [`report_and_ack`]). The pool goes on at once: the slot is free.
+fn finish(
     state: &PoolState,
-    task: &ActivityTask,
-    message: &jetstream::Message,
+    task: ActivityTask,
+    message: jetstream::Message,
     started: Instant,
     outcome: ActivityOutcome,
 ) {
@@ -747,47 +764,94 @@ async fn finish(
         ActivityOutcome::Completed { .. } => "completed",
         ActivityOutcome::Failed { .. } => "failed",
     };
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let publish = state
-            .args
-            .streams
-            .js
-            .publish(subject::report(&task.run_id), bytes.clone().into());
-        let stored = match faults::call("report publish", publish).await {
-            Ok(ack) => faults::call("report publish ack", ack)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match stored {
-            Ok(()) => break,
-            Err(e) if delay < Duration::from_secs(10) => {
-                tracing::warn!(error = %e, "report not stored; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-                // The server may have restarted without the report queue (a memory stream).
-                if let Err(e) = state.args.streams.ensure_queues().await {
-                    tracing::debug!(error = %e, "queues not recreated yet");
+    let client = state.args.streams.js.client();
+    let reporting = state.args.reporting.clone();
+    reporting.fetch_add(1, Ordering::AcqRel);
+    tokio::spawn(async move {
+        report_and_ack(&client, &task, &message, bytes.into()).await;
+        reporting.fetch_sub(1, Ordering::AcqRel);
+        tracing::info!(activity = %task.activity, run_id = %task.run_id, seq = task.seq, attempt = task.attempt, outcome,
+            ms = started.elapsed().as_millis() as u64, "activity finished");
+    });
+}
+
+/// Asks the orchestrator to record a report (a request on `baton.report.<run_id>`, answered
+/// once its journal holds the outcome, or knows it stale), again until it is answered,
+/// telling JetStream every second meanwhile that the task is in progress; then acks the
+/// task. While the orchestrator is down (no responders) or its journal fails, the report
+/// waits here, held in memory: if this process dies first, the unacked task is redelivered
+/// and the attempt runs again.
+async fn report_and_ack(
+    client: &async_nats::Client,
+    task: &ActivityTask,
+    message: &jetstream::Message,
+    bytes: bytes::Bytes,
+) {
+    let subject = subject::report(&task.run_id);
+    let mut delay = REPORT_RETRY_FIRST;
+    let mut progress = tokio::time::interval_at(
+        tokio::time::Instant::now() + REPORT_PROGRESS_EVERY,
+        REPORT_PROGRESS_EVERY,
+    );
+    for tries in 1u32.. {
+        let ask = faults::call("report request", async {
+            let answer = tokio::time::timeout(
+                REPORT_ANSWER_WAIT,
+                client.request(subject.clone(), bytes.clone()),
+            )
+            .await
+            .map_err(|_| "no answer in time".to_string())?
+            .map_err(|e| e.to_string())?;
+            let ack: ReportAck =
+                codec::decode(&answer.payload).map_err(|e| format!("answer not readable: {e}"))?;
+            match (ack.settled, ack.error) {
+                (true, None) => Ok(()),
+                (true, Some(e)) => {
+                    tracing::error!(error = %e, run_id = %task.run_id, seq = task.seq, "report dropped by the orchestrator");
+                    Ok(())
                 }
+                (false, e) => Err(e.unwrap_or_else(|| "not recorded".into())),
             }
+        });
+        tokio::pin!(ask);
+        let answered = loop {
+            tokio::select! {
+                r = &mut ask => break r,
+                _ = progress.tick() => progress_ack(message).await,
+            }
+        };
+        match answered {
+            Ok(()) => break,
             Err(e) => {
-                // Leave the task unacked: JetStream redelivers it and the attempt runs again.
-                tracing::error!(error = %e, run_id = %task.run_id, seq = task.seq, "report not stored; task left for redelivery");
-                return;
+                if tries == 1 || tries.is_multiple_of(20) {
+                    tracing::warn!(error = %e, run_id = %task.run_id, seq = task.seq, attempt = task.attempt, tries,
+                        "report not recorded yet; asking again");
+                }
+                let pause = tokio::time::sleep(delay);
+                tokio::pin!(pause);
+                loop {
+                    tokio::select! {
+                        _ = &mut pause => break,
+                        _ = progress.tick() => progress_ack(message).await,
+                    }
+                }
+                delay = (delay * 2).min(REPORT_RETRY_MAX);
             }
         }
     }
-    // A plain ack, not a double one: waiting for the server's answer would hold the pool
-    // for a round trip per task, and for 5 s per task after a reconnect (the answer never
-    // comes from a server that lost the queue). If the ack is lost the task is redelivered
-    // and its second report dropped as stale: the report above is what counts.
+    // A plain ack, not a double one: waiting for the server's answer would cost a round
+    // trip per task, and 5 s per task after a reconnect (the answer never comes from a
+    // server that lost the queue). If the ack is lost the task is redelivered and its
+    // second report dropped as stale: the recorded report is what counts.
     if let Err(e) = faults::call("task ack", message.ack()).await {
-        tracing::warn!(error = %e, "task ack failed (it may be redelivered; its report is stored)");
+        tracing::warn!(error = %e, "task ack failed (it may be redelivered; its report is recorded)");
     }
-    tracing::info!(activity = %task.activity, run_id = %task.run_id, seq = task.seq, attempt = task.attempt, outcome,
-        ms = started.elapsed().as_millis() as u64, "activity finished");
+}
+
+async fn progress_ack(message: &jetstream::Message) {
+    if let Err(e) = faults::call("progress ack", message.ack_with(AckKind::Progress)).await {
+        tracing::debug!(error = %e, "progress ack of a reported task failed");
+    }
 }
 
 async fn tick(state: &mut PoolState) {

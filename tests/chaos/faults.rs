@@ -9,7 +9,7 @@ use async_nats::HeaderMap;
 use baton_tests::json_headers;
 use baton_transport::{
     codec::{self, CONTENT_TYPE, MSGPACK},
-    wire::{ActivityOutcome, ActivityReport, ActivityTask, Failure},
+    wire::{ActivityOutcome, ActivityReport, ActivityTask, Failure, ReportAck},
 };
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -349,8 +349,9 @@ fn valid_input() -> Value {
 /// Scenario 14: one volley of poison on every subject Baton consumes — fuzzed bytes, bad
 /// UTF-8, unknown types and fields, `. * >` in IDs, deep nesting on `baton.start.*` and
 /// `baton.api.*` (each must be refused with a clear error); undecodable and unknown tasks
-/// on `baton.task.<queue>.*` and reports on `baton.report.*` (terminated or dropped, never
-/// applied), including stale reports naming real running runs.
+/// on `baton.task.<queue>.*` (terminated) and reports on `baton.report.*` (answered
+/// settled and never applied: the undecodable ones with the reason), including stale
+/// reports naming real running runs.
 pub async fn poison_volley(c: &Cluster, w: &Workload, rng: &mut Rng, stats: &mut EdgeStats) {
     let start = "baton.start.chaos_pipeline";
     let fuzz = random_bytes(rng, 300);
@@ -450,7 +451,7 @@ pub async fn poison_volley(c: &Cluster, w: &Workload, rng: &mut Rng, stats: &mut
         .await;
     stats.sent += 1;
 
-    // JetStream: tasks and reports.
+    // JetStream: tasks.
     let js = async_nats::jetstream::new(c.client.nats().clone());
     let n = rng.next_u64() % 1_000_000;
     let publish = |subject: String, body: Vec<u8>| {
@@ -486,9 +487,23 @@ pub async fn poison_volley(c: &Cluster, w: &Workload, rng: &mut Rng, stats: &mut
         .await;
         stats.sent += 2;
     }
-    publish(format!("baton.report.poison{n}"), random_bytes(rng, 200)).await;
-    publish(format!("baton.report.poison{n}"), vec![0xc1, 0xff]).await;
-    stats.sent += 2;
+    // Reports: requests to the orchestrator.
+    expect_report_settled(
+        c,
+        stats,
+        &format!("baton.report.poison{n}"),
+        random_bytes(rng, 200),
+        true,
+    )
+    .await;
+    expect_report_settled(
+        c,
+        stats,
+        &format!("baton.report.poison{n}"),
+        vec![0xc1, 0xff],
+        true,
+    )
+    .await;
     // Well-formed reports: of an unknown run, and stale ones of a real running run (an
     // activity it never scheduled; an attempt it never dispatched). All must be dropped.
     let report = |run_id: &str, workflow_id: &str, seq: u32, attempt: u32| ActivityReport {
@@ -524,12 +539,54 @@ pub async fn poison_volley(c: &Cluster, w: &Workload, rng: &mut Rng, stats: &mut
         reports.push(failed);
     }
     for r in reports {
-        publish(
-            format!("baton.report.{}", r.run_id),
+        expect_report_settled(
+            c,
+            stats,
+            &format!("baton.report.{}", r.run_id),
             codec::encode(&r).unwrap_or_default(),
+            false,
         )
         .await;
-        stats.sent += 1;
+    }
+}
+
+/// Sends a report request that must be answered settled (the worker may ack its task):
+/// with the reason when it is `malformed`, without one when it is well-formed but stale.
+/// A malformed one answered so counts as a clear error.
+async fn expect_report_settled(
+    c: &Cluster,
+    stats: &mut EdgeStats,
+    subject: &str,
+    body: Vec<u8>,
+    malformed: bool,
+) {
+    stats.sent += 1;
+    let shown = format!("{subject} ({} bytes)", body.len());
+    let request = async_nats::Request::new()
+        .payload(Bytes::from(body))
+        .timeout(Some(Duration::from_secs(10)));
+    let answer = match c
+        .client
+        .nats()
+        .send_request(subject.to_string(), request)
+        .await
+    {
+        Ok(m) => m,
+        Err(e) => {
+            stats.unclear.push((shown, format!("no answer: {e}")));
+            return;
+        }
+    };
+    match codec::decode::<ReportAck>(&answer.payload) {
+        Ok(ack) if ack.settled && ack.error.is_some() == malformed => {
+            if malformed {
+                stats.clear_errors += 1;
+            }
+        }
+        Ok(ack) => stats.unclear.push((shown, format!("{ack:?}"))),
+        Err(e) => stats
+            .unclear
+            .push((shown, format!("answer not a report ack: {e}"))),
     }
 }
 

@@ -100,10 +100,10 @@ async fn orchestrator_killed_mid_workflow_resumes_without_rerunning_activities()
     Ok(())
 }
 
-/// The task and report queues live in memory (tasks can be regenerated from the journal,
-/// reports by running the attempt again): a nats-server SIGKILLed mid-activity comes back
-/// without them. The nodes recreate them, the orchestrator republishes the in-flight task,
-/// and the run completes with each activity recorded once.
+/// The task queue lives in memory (tasks can be regenerated from the journal; reports are
+/// requests that workers hold until the orchestrator answers): a nats-server SIGKILLed
+/// mid-activity comes back without it. The nodes recreate it, the orchestrator republishes
+/// the in-flight task, and the run completes with each activity recorded once.
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_server_killed_mid_activity_loses_no_run() -> anyhow::Result<()> {
     let mut c = Cluster::start().await?;
@@ -121,7 +121,7 @@ async fn nats_server_killed_mid_activity_loses_no_run() -> anyhow::Result<()> {
         .await?;
     c.nats.restart().await?;
     c.orchestrator
-        .wait_for_log("the task and report queues were recreated", WAIT)
+        .wait_for_log("the task queue was recreated", WAIT)
         .await?;
 
     let vs = embeddings(c.client.wait_result("nats-crash", WAIT).await?);

@@ -4,7 +4,7 @@
 use baton_tests::json_headers;
 use baton_transport::{
     codec::{self, CONTENT_TYPE, MSGPACK},
-    wire::{ResultReply, StartStatus},
+    wire::{ReportAck, ResultReply, StartStatus},
 };
 use serde_json::json;
 
@@ -262,14 +262,27 @@ async fn bad_input_gets_clear_errors_and_crashes_nothing() -> anyhow::Result<()>
     let reply: serde_json::Value = codec::decode(&m.payload)?;
     assert_eq!(reply["status"], "started", "{reply}");
 
-    // Poison messages on the subjects Baton consumes: terminated, not redelivered forever.
+    // Poison messages on the subjects Baton consumes: terminated, not redelivered for ever.
     let js = async_nats::jetstream::new(c.client.nats().clone());
     js.publish("baton.task.cpu.poison.0.1", "garbage".into())
         .await?
         .await?;
-    js.publish("baton.report.poison", vec![0xc1u8, 0xff].into())
-        .await?
+    // A malformed report is answered settled, with the reason (its sender must not ask
+    // again for ever: there is nothing to record).
+    let answer = c
+        .client
+        .nats()
+        .request("baton.report.poison", vec![0xc1u8, 0xff].into())
         .await?;
+    let answer: ReportAck = codec::decode(&answer.payload)?;
+    assert!(answer.settled, "{answer:?}");
+    assert!(
+        answer
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("malformed report")),
+        "{answer:?}"
+    );
 
     // A validation error is not retried: one attempt, and the workflow fails with it.
     c.client
@@ -321,7 +334,7 @@ async fn bad_input_gets_clear_errors_and_crashes_nothing() -> anyhow::Result<()>
     assert!(
         c.orchestrator
             .log_contents()
-            .contains("poison report terminated")
+            .contains("malformed report dropped")
     );
     Ok(())
 }

@@ -1026,14 +1026,22 @@ async fn schedule_to_start_and_the_orchestrators_heartbeat_timeout() -> anyhow::
             result: baton_transport::Payload::encode(&"late")?,
         },
     };
-    streams
-        .js
-        .publish(
+    let answer = env
+        .nc
+        .request(
             baton_transport::subject::report(&task.run_id),
             baton_transport::codec::encode(&late)?.into(),
         )
-        .await?
         .await?;
+    let answer: baton_transport::wire::ReportAck = baton_transport::codec::decode(&answer.payload)?;
+    // Settled (the worker may ack its task) and not recorded (checked below).
+    assert_eq!(
+        answer,
+        baton_transport::wire::ReportAck {
+            settled: true,
+            error: None
+        }
+    );
     // A healthy worker runs attempt 2.
     let pool = start_test_pool(&env.nc, registry(), FROZEN, 2).await?;
     assert_eq!(env.outcome("frozen-1").await?, json!("attempt 2"));

@@ -6,7 +6,7 @@
 //! | `baton.api.<verb>` | core request/reply | clients | orchestrator |
 //! | `baton.api.search` | core request/reply | clients | the index owner (`baton worker --queue index`, `baton dev`) |
 //! | `baton.task.<queue>.<run_id>.<seq>.<attempt>` | JetStream `BATON_TASKS` | orchestrator | workers of `<queue>` |
-//! | `baton.report.<run_id>` | JetStream `BATON_REPORTS` | workers | orchestrator |
+//! | `baton.report.<run_id>` | core request/reply (answered once journaled) | workers | orchestrator |
 //! | `baton.history.<run_id>` | JetStream `BATON_HISTORY` | orchestrator journal | readers, recovery |
 
 /// Prefix of start requests: `baton.start.<workflow_type>`.
@@ -37,8 +37,9 @@ pub const API_ALL: &str = "baton.api.*";
 
 /// Name of the JetStream stream holding activity tasks (work-queue retention).
 pub const TASKS_STREAM: &str = "BATON_TASKS";
-/// Name of the JetStream stream holding activity reports (work-queue retention).
-pub const REPORTS_STREAM: &str = "BATON_REPORTS";
+/// Name of the JetStream stream that held activity reports before they became requests
+/// to the orchestrator; deleted where it still exists (it would capture the requests).
+pub const LEGACY_REPORTS_STREAM: &str = "BATON_REPORTS";
 /// Name of the JetStream stream mirroring every execution's journal.
 pub const HISTORY_STREAM: &str = "BATON_HISTORY";
 
@@ -66,9 +67,14 @@ pub fn task_filter(queue: &str) -> String {
     format!("baton.task.{queue}.>")
 }
 
+/// Prefix of report requests: `baton.report.<run_id>`.
+pub const REPORT_PREFIX: &str = "baton.report";
+/// Wildcard the orchestrator subscribes to for reports.
+pub const REPORT_ALL: &str = "baton.report.*";
+
 /// Subject of a report for a run.
 pub fn report(run_id: &str) -> String {
-    format!("baton.report.{run_id}")
+    format!("{REPORT_PREFIX}.{run_id}")
 }
 
 /// Subject of a run's journal mirror.
@@ -80,9 +86,6 @@ pub fn history(run_id: &str) -> String {
 pub fn queue_consumer(queue: &str) -> String {
     format!("queue-{queue}")
 }
-
-/// Durable consumer name of the orchestrator's report feed.
-pub const REPORTS_CONSUMER: &str = "orchestrator-reports";
 
 #[cfg(test)]
 mod tests {

@@ -475,7 +475,8 @@ pub enum ActivityOutcome {
     },
 }
 
-/// A worker's report of one activity attempt, published on `baton.report.<run_id>`.
+/// A worker's report of one activity attempt: a request on `baton.report.<run_id>`,
+/// answered by the orchestrator with a [`ReportAck`] once the journal holds it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActivityReport {
     /// The workflow ID.
@@ -490,6 +491,17 @@ pub struct ActivityReport {
     pub worker: String,
     /// The outcome.
     pub outcome: ActivityOutcome,
+}
+
+/// The orchestrator's answer to an [`ActivityReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportAck {
+    /// The report is settled: its outcome is journaled, or it was known stale (an attempt
+    /// already recorded, a closed or unknown run) or unreadable. The worker may ack its task.
+    pub settled: bool,
+    /// Why it is not settled (the run is not in memory yet, the journal failed): the worker
+    /// asks again. Or, with `settled`, why it was dropped unrecorded.
+    pub error: Option<String>,
 }
 
 #[cfg(test)]
