@@ -2079,7 +2079,8 @@ pub(crate) enum SupervisorMsg {
 pub(crate) struct SupervisorState {
     rt: Arc<Runtime>,
     by_actor: HashMap<ActorId, String>,
-    restarts: HashMap<String, u32>,
+    /// Failures in a row of each run's execution (see [`count_failure`]).
+    restarts: HashMap<String, (u32, std::time::Instant)>,
     /// Run IDs in the order their executions came into memory (some since gone): the
     /// candidates for eviction when the cache is over its size.
     resident: std::collections::VecDeque<String>,
@@ -2123,6 +2124,23 @@ const MAX_RESTARTS: u32 = 10;
 
 /// How long before the `n`-th restart of a failing execution: doubling from 200 ms, capped
 /// at 30 s, never giving up (a full disk or a lost NATS connection ends; the run goes on).
+/// A run's failures in a row, this one counted: the count starts again after
+/// [`RESTART_COUNT_RESET`] without one, so a run that failed in a past incident (a disk
+/// full for a while) is restarted promptly in the next, not after the longest backoff.
+fn count_failure(restarts: &mut HashMap<String, (u32, std::time::Instant)>, run_id: &str) -> u32 {
+    let now = std::time::Instant::now();
+    let (n, last) = restarts.entry(run_id.to_string()).or_insert((0, now));
+    if now.duration_since(*last) > RESTART_COUNT_RESET {
+        *n = 0;
+    }
+    *last = now;
+    *n += 1;
+    *n
+}
+
+/// How long without a failure before a run's failure count starts again.
+const RESTART_COUNT_RESET: Duration = Duration::from_secs(60);
+
 fn restart_delay(n: u32) -> Duration {
     Duration::from_millis((100u64 << n.min(9)).min(30_000))
 }
@@ -2202,9 +2220,11 @@ impl Actor for Supervisor {
                 {
                     return Ok(());
                 }
-                // A run whose last append failed in redb after its mirror stored it: redb
-                // adopts the mirror's events first (as a restart does).
-                if state.rt.journal.mirror_ahead(&run_id)
+                // A run whose last write failed (its two stores may differ: the mirror
+                // ahead of a failed commit, or redb ahead of a failed publish) is
+                // reconciled first, as a restart does: a report answered quickly can bring
+                // it back before its restart's backoff is over.
+                if state.rt.journal.unreconciled(&run_id)
                     && let Err(e) = state.rt.journal.reconcile_mirror(&run_id).await
                 {
                     tracing::warn!(%run_id, error = %e, "mirror not reconciled yet; rehydrating later");
@@ -2241,6 +2261,20 @@ impl Actor for Supervisor {
                 spawn(&myself, state, args).await
             }
             SupervisorMsg::Restart { run_id } => {
+                // Already back (a message rehydrated it during the restart's backoff): its
+                // stores were reconciled then; never reconcile under a live writer. It
+                // only checks its in-flight tasks.
+                let live = state
+                    .rt
+                    .executions
+                    .lock()
+                    .expect("executions lock")
+                    .get(&run_id)
+                    .cloned();
+                if let Some(actor) = live {
+                    let _ = actor.send_message(ExecMsg::Redispatch);
+                    return Ok(());
+                }
                 // The journal may be failing (a full disk): retry later, never fail here.
                 let retry = |myself: &ActorRef<SupervisorMsg>, run_id: String| {
                     myself.send_after(Duration::from_secs(1), move || SupervisorMsg::Restart {
@@ -2300,11 +2334,10 @@ impl Actor for Supervisor {
             }
             SupervisionEvent::ActorFailed(cell, error) => {
                 if let Some(run_id) = forget(state, &cell) {
-                    let n = state.restarts.entry(run_id.clone()).or_default();
-                    *n += 1;
-                    let backoff = restart_delay(*n);
-                    if *n > MAX_RESTARTS {
-                        tracing::error!(%run_id, %error, restarts = *n, restart_in_ms = backoff.as_millis() as u64, "execution keeps failing; restarting from its journal");
+                    let n = count_failure(&mut state.restarts, &run_id);
+                    let backoff = restart_delay(n);
+                    if n > MAX_RESTARTS {
+                        tracing::error!(%run_id, %error, restarts = n, restart_in_ms = backoff.as_millis() as u64, "execution keeps failing; restarting from its journal");
                     } else {
                         tracing::warn!(%run_id, %error, restart_in_ms = backoff.as_millis() as u64, "execution failed; restarting from its journal");
                     }
@@ -2381,11 +2414,10 @@ async fn spawn(
             enforce_cache_size(myself, state);
         }
         Err(e) => {
-            let n = state.restarts.entry(run_id.clone()).or_default();
-            *n += 1;
-            let backoff = restart_delay(*n);
-            if *n > MAX_RESTARTS {
-                tracing::error!(%run_id, error = %e, restarts = *n, "execution does not start; retrying");
+            let n = count_failure(&mut state.restarts, &run_id);
+            let backoff = restart_delay(n);
+            if n > MAX_RESTARTS {
+                tracing::error!(%run_id, error = %e, restarts = n, "execution does not start; retrying");
             } else {
                 tracing::warn!(%run_id, error = %e, "execution did not start; retrying");
             }
@@ -2393,4 +2425,25 @@ async fn spawn(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_count_in_a_row_and_start_again_after_a_quiet_minute() {
+        let mut restarts = HashMap::new();
+        assert_eq!(count_failure(&mut restarts, "r"), 1);
+        assert_eq!(count_failure(&mut restarts, "r"), 2);
+        assert_eq!(count_failure(&mut restarts, "other"), 1);
+        assert!(restart_delay(2) > restart_delay(1));
+        // The last failure long ago: the next one is the first of a new incident.
+        let long_ago = std::time::Instant::now()
+            .checked_sub(RESTART_COUNT_RESET + Duration::from_secs(1))
+            .expect("the clock is past a minute");
+        restarts.insert("r".into(), (7, long_ago));
+        assert_eq!(count_failure(&mut restarts, "r"), 1);
+        assert_eq!(restart_delay(30), Duration::from_secs(30), "capped");
+    }
 }

@@ -509,9 +509,11 @@ impl Journal {
         Ok(out)
     }
 
-    /// Whether the run's mirror may hold an append redb lacks (its commit failed after
-    /// the mirror stored it): [`Journal::reconcile_mirror`] it before rebuilding the run.
-    pub fn mirror_ahead(&self, run_id: &str) -> bool {
+    /// Whether the run's two stores may differ after a failed write (a commit that failed
+    /// after the mirror stored the append, or that reported failure and may have held; a
+    /// mirror publish that failed): [`Journal::reconcile_mirror`] it before rebuilding the
+    /// run from redb.
+    pub fn unreconciled(&self, run_id: &str) -> bool {
         self.ahead
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -631,17 +633,24 @@ struct Writer {
     /// ID, last event ID). An append that follows on is known to be valid before redb
     /// checks it, so its mirror publish may overlap its commit (see [`Writer::overlap`]).
     known: HashMap<String, (String, u32)>,
-    /// Runs whose mirror holds an append that redb failed to commit (until
-    /// [`Journal::reconcile_mirror`] adopts it).
+    /// Runs whose two stores may differ after a failed write, until
+    /// [`Journal::reconcile_mirror`] makes them agree (see [`Journal::unreconciled`]).
     ahead: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
-/// A lone append's mirror message, made before its commit so that both can run at once.
+/// The mirror messages of a group's appends, made before its commit so that the publishes
+/// and the commit can run at once (see [`Writer::overlap`]).
 struct Overlap {
     streams: Streams,
+    /// One per overlapped append, in group order.
+    messages: Vec<OverlapMessage>,
+}
+
+struct OverlapMessage {
     run_id: String,
     headers: HeaderMap,
     bytes: Vec<u8>,
+    /// The append closes its run (no chain head to keep).
     closes: bool,
 }
 
@@ -672,6 +681,9 @@ impl Writer {
                     // before the next commit (which repairs it).
                     tracing::error!(error = %e, "journal commit failed");
                     self.db.invalidate();
+                    // It may have held (a sync that failed after the data landed): redb
+                    // ahead of the mirror until reconciled.
+                    self.mark_group(&group);
                     fail_all(group, e);
                     continue;
                 }
@@ -680,115 +692,168 @@ impl Writer {
                     continue;
                 }
             };
-            let mirrored = self.mirror_group(&group, &outcomes).await;
+            let mirrored = self.mirror_group(&group, &outcomes, &HashSet::new()).await;
+            for run_id in mirrored.keys() {
+                self.mark_ahead(run_id);
+            }
             self.learn(&group, &outcomes, &mirrored);
             answer(group, outcomes, mirrored);
         }
     }
 
-    /// Whether a group can have its mirror publish overlap its redb commit, and the
-    /// message if so: a lone append of small events that follows on what this writer last
-    /// wrote of its run in both stores (so redb will not refuse it), with a known chain
-    /// head. Everything else (starts, whose compare-and-set redb decides; continue-as-new;
-    /// groups; large events) commits to redb first, then mirrors.
+    /// Whether a group's appends can have their mirror publishes overlap its redb commit,
+    /// and their messages if so: every append follows on what this writer last wrote of
+    /// its run in both stores (so redb will not refuse it), with a known chain head, and
+    /// fits one message. Starts may be in the group: redb's compare-and-set decides them,
+    /// so they are mirrored after the commit, as before. Anything else (continue-as-new,
+    /// adoptions from the mirror, large events, an append that does not follow on) makes
+    /// the whole group commit to redb first, then mirror.
     ///
-    /// Why it is safe: the append is answered only when both stores hold it, as always.
-    /// If the commit fails and the publish held, the mirror is one append ahead of redb;
-    /// the run's execution fails and is restarted from the journal only after
-    /// [`Journal::reconcile_mirror`] has adopted that message into redb.
+    /// Why it is safe: every request is answered only when both stores hold it, as
+    /// always. If the commit fails and a publish held, that run's mirror is one append
+    /// ahead of redb: the run is marked, its execution fails and is rebuilt from the
+    /// journal only after [`Journal::reconcile_mirror`] has adopted that message into redb.
     fn overlap(&self, group: &[Request]) -> Option<Overlap> {
         let streams = self.mirror.as_ref()?;
-        let [
-            Request::Append {
-                run_id,
-                events,
-                successor: None,
-                mirror: true,
-                ..
-            },
-        ] = group
-        else {
-            return None;
-        };
-        let (workflow_id, last) = self.known.get(run_id)?;
-        if events.first()?.id != last + 1 || events.windows(2).any(|w| w[1].id != w[0].id + 1) {
+        let chain = self.chain.try_lock().ok()?;
+        let mut messages: Vec<OverlapMessage> = Vec::new();
+        let mut size = 0;
+        for req in group {
+            let (run_id, events) = match req {
+                Request::Start { .. } => continue,
+                Request::Append {
+                    run_id,
+                    events,
+                    successor: None,
+                    mirror: true,
+                    ..
+                } => (run_id, events),
+                Request::Append { .. } => return None,
+            };
+            let (workflow_id, last) = self.known.get(run_id)?;
+            if events.first()?.id != last + 1
+                || events.windows(2).any(|w| w[1].id != w[0].id + 1)
+                || messages.iter().any(|m| &m.run_id == run_id)
+            {
+                return None;
+            }
+            let head = *chain.get(run_id)?;
+            let (headers, bytes) =
+                mirror_message(streams, workflow_id, run_id, events, Some(head)).ok()??;
+            size += bytes.len();
+            messages.push(OverlapMessage {
+                run_id: run_id.clone(),
+                headers,
+                bytes,
+                closes: events.last().is_some_and(|e| e.kind.is_close()),
+            });
+        }
+        if messages.is_empty() || messages.len() > MAX_BATCH_MESSAGES || size > MAX_BATCH_BYTES {
             return None;
         }
-        let head = *self.chain.try_lock().ok()?.get(run_id)?;
-        let (headers, bytes) =
-            mirror_message(streams, workflow_id, run_id, events, Some(head)).ok()??;
         Some(Overlap {
             streams: streams.clone(),
-            run_id: run_id.clone(),
-            headers,
-            bytes,
-            closes: events.last().is_some_and(|e| e.kind.is_close()),
+            messages,
         })
     }
 
-    /// Commits a lone append to redb while its mirror message is published (see
-    /// [`Writer::overlap`]), and answers it once both are done.
+    /// Commits a group to redb while the mirror messages of its appends are published (see
+    /// [`Writer::overlap`]); then mirrors its starts, and answers each request once both
+    /// stores hold it.
     async fn commit_overlapped(&mut self, group: Vec<Request>, overlap: Overlap) {
-        let Overlap {
-            streams,
-            run_id,
-            headers,
-            bytes,
-            closes,
-        } = overlap;
+        let Overlap { streams, messages } = overlap;
+        let runs: Vec<(String, bool)> = messages
+            .iter()
+            .map(|m| (m.run_id.clone(), m.closes))
+            .collect();
         let mut chain = self.chain.lock().await;
         let store = self.db.clone();
         let committing = tokio::task::spawn_blocking(move || match store.get() {
             Ok(db) => commit(&db, group),
             Err(e) => Err((group, e)),
         });
-        let publish = async {
-            let ack = send_mirror(&streams, &run_id, headers, bytes).await?;
-            baton_transport::faults::call("mirror ack", ack)
-                .await
-                .map_err(|e| Error::Mirror(format!("run {run_id}: {e}")))
-        };
-        let (committed, published) = tokio::join!(committing, publish);
+        let (committed, published) =
+            tokio::join!(committing, publish_overlapped(&streams, messages));
+        // Runs whose mirror append is settled here (stored, or refused on its own); the
+        // rest (a refused batch) go again one message each once redb has committed.
+        let mut settled: HashSet<String> = HashSet::new();
         let mut failed = HashMap::new();
-        match &published {
-            Ok(ack) if !closes => {
-                chain.insert(run_id.clone(), ack.sequence);
-            }
-            Ok(_) => {
-                chain.remove(&run_id);
-            }
-            Err(e) => {
-                chain.remove(&run_id);
-                failed.insert(run_id.clone(), e.clone());
+        if let Some(results) = published {
+            for ((run_id, closes), r) in runs.iter().zip(results) {
+                match r {
+                    Ok(seq) if !closes => {
+                        chain.insert(run_id.clone(), seq);
+                    }
+                    Ok(_) => {
+                        chain.remove(run_id);
+                    }
+                    Err(e) => {
+                        chain.remove(run_id);
+                        failed.insert(run_id.clone(), e);
+                    }
+                }
+                settled.insert(run_id.clone());
             }
         }
         drop(chain);
         match committed {
             Ok(Ok((group, outcomes))) => {
-                if published.is_ok() && !matches!(outcomes.first(), Some(Outcome::Written(_))) {
-                    // `overlap` predicted the commit; a refusal here is a bug, and the
-                    // mirror now holds events redb refused.
-                    tracing::error!(%run_id, "redb refused an append the mirror stored");
-                    self.chain.lock().await.remove(&run_id);
-                    self.mark_ahead(&run_id);
+                for (req, outcome) in group.iter().zip(&outcomes) {
+                    if let Request::Append { run_id, .. } = req
+                        && settled.contains(run_id)
+                        && !failed.contains_key(run_id)
+                        && !matches!(outcome, Outcome::Written(_))
+                    {
+                        // `overlap` predicted the commit; a refusal here is a bug, and the
+                        // mirror now holds events redb refused.
+                        tracing::error!(%run_id, "redb refused an append the mirror stored");
+                        self.chain.lock().await.remove(run_id);
+                        self.mark_ahead(run_id);
+                    }
+                }
+                // The starts (and any append whose batch was refused), now that redb has
+                // decided them.
+                failed.extend(self.mirror_group(&group, &outcomes, &settled).await);
+                for run_id in failed.keys() {
+                    self.mark_ahead(run_id);
                 }
                 self.learn(&group, &outcomes, &failed);
                 answer(group, outcomes, failed);
             }
             Ok(Err((group, e))) => {
-                tracing::error!(error = %e, %run_id, mirrored = published.is_ok(), "journal commit failed");
-                if published.is_ok() {
-                    self.mark_ahead(&run_id);
+                tracing::error!(error = %e, runs = runs.len(), "journal commit failed (mirror publishes overlapped)");
+                // A publish that held left its run's mirror ahead; one that failed may
+                // have held too (a lost ack); the commit may have held (a sync that
+                // failed after the data landed): reconcile every run of the group.
+                for (run_id, _) in &runs {
+                    self.known.remove(run_id);
                 }
+                self.mark_group(&group);
                 self.db.invalidate();
-                self.known.remove(&run_id);
                 fail_all(group, e);
             }
             Err(join) => {
                 tracing::error!(error = %join, "journal commit task panicked");
-                self.known.remove(&run_id);
-                if published.is_ok() {
-                    self.mark_ahead(&run_id);
+                for (run_id, _) in &runs {
+                    self.mark_ahead(run_id);
+                    self.known.remove(run_id);
+                }
+            }
+        }
+    }
+
+    /// Marks every run a group wrote or tried to write as unreconciled.
+    fn mark_group(&self, group: &[Request]) {
+        for req in group {
+            match req {
+                Request::Start { record, .. } => self.mark_ahead(&record.run_id),
+                Request::Append {
+                    run_id, successor, ..
+                } => {
+                    self.mark_ahead(run_id);
+                    if let Some(next) = successor {
+                        self.mark_ahead(&next.0.run_id);
+                    }
                 }
             }
         }
@@ -852,6 +917,7 @@ impl Writer {
         &self,
         group: &[Request],
         outcomes: &[Outcome],
+        done: &HashSet<String>,
     ) -> HashMap<String, Error> {
         let mut failed = HashMap::new();
         let Some(streams) = &self.mirror else {
@@ -882,6 +948,9 @@ impl Writer {
                 }
             };
             for (run_id, events) in parts {
+                if done.contains(run_id) {
+                    continue;
+                }
                 match per_run.iter_mut().find(|(r, _, _)| r == run_id) {
                     Some((_, _, evs)) => evs.extend_from_slice(events),
                     None => per_run.push((run_id.clone(), workflow_id.clone(), events.to_vec())),
@@ -889,10 +958,10 @@ impl Writer {
             }
         }
         let mut chain = self.chain.lock().await;
-        // The group's messages in one atomic batch, which the server stores with far fewer
-        // fsyncs than one message each; a run the batch did not store (a large one, or a
-        // batch refused) goes one message per run below, as before.
-        let batched = if streams.history_takes_batches() && per_run.len() > 1 {
+        // A large group's messages in one atomic batch, which the server stores at a fixed
+        // cost; a run the batch did not store (a large one, or a batch refused) goes one
+        // message per run below, as do the runs of a small group.
+        let batched = if streams.history_takes_batches() && per_run.len() >= BATCH_MIN_MESSAGES {
             publish_mirror_batches(streams, &per_run, &chain).await
         } else {
             Vec::new()
@@ -959,6 +1028,12 @@ const MIRROR_ENVELOPE: usize = 1024;
 
 /// Most messages in one atomic mirror batch (the server takes up to 1,000).
 const MAX_BATCH_MESSAGES: usize = 500;
+/// Fewest messages sent as an atomic batch. nats-server stages a batch before it stores
+/// it: about 2.8 ms whatever its size (1 to 32 messages of 300 bytes, with `sync_interval:
+/// always`, on the 2-core machine of BENCHMARKS.md), where plain messages, each fsync'd,
+/// cost about 0.3 ms alone and 0.17-0.25 ms each when pipelined. Below this, one message
+/// per run, pipelined, is cheaper.
+const BATCH_MIN_MESSAGES: usize = 12;
 /// Most bytes in one atomic mirror batch (the server holds a batch in memory until its
 /// commit).
 const MAX_BATCH_BYTES: usize = 8 << 20;
@@ -976,6 +1051,50 @@ fn expected_head(chain: &HashMap<String, u64>, run_id: &str, events: &[Event]) -
 /// A run's mirror message, ready for an atomic batch: (index of the run, subject,
 /// headers, body).
 type BatchMessage = (usize, String, HeaderMap, Vec<u8>);
+
+/// Publishes the overlapped appends' messages: one atomic batch if there are enough of
+/// them, else one message each, pipelined. Returns each one's stored sequence or error;
+/// `None` if the batch was not stored (the caller mirrors those runs again after the
+/// commit, one message each: a batch is refused whole for one stale run).
+async fn publish_overlapped(
+    streams: &Streams,
+    messages: Vec<OverlapMessage>,
+) -> Option<Vec<Result<u64, Error>>> {
+    let n = messages.len();
+    if n >= BATCH_MIN_MESSAGES && streams.history_takes_batches() {
+        let batch = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| (i, subject::history(&m.run_id), m.headers, m.bytes))
+            .collect();
+        return match publish_atomic(streams, batch).await {
+            Ok(last) => {
+                let first = last + 1 - n as u64;
+                Some((0..n as u64).map(|k| Ok(first + k)).collect())
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, messages = n, "overlapped mirror batch not stored; its runs go one message each after the commit");
+                None
+            }
+        };
+    }
+    let mut sent = Vec::with_capacity(n);
+    for m in messages {
+        let ack = send_mirror(streams, &m.run_id, m.headers, m.bytes).await;
+        sent.push((m.run_id, ack));
+    }
+    let mut out = Vec::with_capacity(n);
+    for (run_id, ack) in sent {
+        out.push(match ack {
+            Ok(ack) => baton_transport::faults::call("mirror ack", ack)
+                .await
+                .map(|a| a.sequence)
+                .map_err(|e| Error::Mirror(format!("run {run_id}: {e}"))),
+            Err(e) => Err(e),
+        });
+    }
+    Some(out)
+}
 
 /// Publishes one message per run (`per_run`: run ID, workflow ID, events) in atomic batches
 /// (ADR-50): all of a batch is stored, or none of it. Each message keeps its own

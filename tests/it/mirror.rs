@@ -163,3 +163,72 @@ async fn a_mirror_ahead_of_a_failed_commit_is_adopted_by_the_reconciliation() ->
     assert_eq!(journal.history(run)?.len(), 5);
     Ok(())
 }
+
+/// Appends of many runs committed together have their mirror publishes overlap the redb
+/// commit too (an atomic batch for a large group, pipelined messages for a small one),
+/// while starts in the same group are mirrored after redb decided them. When the commit
+/// fails (a full disk), every run whose message the mirror stored is one append ahead,
+/// and the reconciliation adopts each.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_of_overlapped_appends_whose_commit_failed_is_adopted() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = nats.connect().await?;
+    let streams = Streams::ensure(&client).await?;
+    let dir = tempfile::tempdir()?;
+    let faults = StorageFaults::none();
+    let journal = Journal::open_with(
+        &dir.path().join("journal.redb"),
+        Some(streams.clone()),
+        Some(faults.clone()),
+    )?;
+    for n in [20usize, 4] {
+        let runs: Vec<String> = (0..n).map(|i| format!("g{n}-{i:02}")).collect();
+        for s in join_all(runs.iter().map(|r| journal.start(record(r), started(r)))).await {
+            assert!(matches!(s?, StartOutcome::Started));
+        }
+        // Appends and new starts at once: they share groups.
+        let late: Vec<String> = (0..3).map(|i| format!("g{n}-late{i}")).collect();
+        let (appended, starts) = futures::join!(
+            join_all(runs.iter().map(|r| journal.append(r, vec![signal(2)]))),
+            join_all(late.iter().map(|r| journal.start(record(r), started(r)))),
+        );
+        for r in appended {
+            r?;
+        }
+        for s in starts {
+            assert!(matches!(s?, StartOutcome::Started));
+        }
+        for run in runs.iter().chain(&late) {
+            assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+        }
+
+        faults.set_full(true);
+        let refused = join_all(runs.iter().map(|r| journal.append(r, vec![signal(3)]))).await;
+        faults.set_full(false);
+        assert!(
+            refused.iter().all(Result::is_err),
+            "a full disk refuses them"
+        );
+        for run in &runs {
+            let mirrored = mirrored_events(&client, run).await?;
+            assert_eq!(
+                mirrored.iter().map(|e| e.id).collect::<Vec<_>>(),
+                [1, 2, 3],
+                "{run}: the overlapped publish held"
+            );
+            assert_eq!(journal.history(run)?.len(), 2, "{run}: redb did not commit");
+            assert!(journal.unreconciled(run), "{run} is marked");
+            journal.reconcile_mirror(run).await?;
+            assert_eq!(journal.history(run)?, mirrored, "{run}: adopted");
+        }
+        // The runs go on, in both stores.
+        for r in join_all(runs.iter().map(|r| journal.append(r, vec![signal(4)]))).await {
+            r?;
+        }
+        for run in &runs {
+            assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+            assert_eq!(journal.history(run)?.len(), 4);
+        }
+    }
+    Ok(())
+}
