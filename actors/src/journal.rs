@@ -1029,10 +1029,10 @@ const MIRROR_ENVELOPE: usize = 1024;
 /// Most messages in one atomic mirror batch (the server takes up to 1,000).
 const MAX_BATCH_MESSAGES: usize = 500;
 /// Fewest messages sent as an atomic batch. nats-server stages a batch before it stores
-/// it: about 2.8 ms whatever its size (1 to 32 messages of 300 bytes, with `sync_interval:
-/// always`, on the 2-core machine of BENCHMARKS.md), where plain messages, each fsync'd,
-/// cost about 0.3 ms alone and 0.17-0.25 ms each when pipelined. Below this, one message
-/// per run, pipelined, is cheaper.
+/// it: 2.4-3.2 ms whatever its size (1 to 32 messages of 300 bytes, with `sync_interval:
+/// always`, on the 2-core machine of BENCHMARKS.md: `baton-mirrorcost`), where a plain
+/// message, fsync'd, costs about 0.35 ms alone and about 0.2 ms more for each one
+/// pipelined after it. Below this, one message per run, pipelined, is cheaper.
 const BATCH_MIN_MESSAGES: usize = 12;
 /// Most bytes in one atomic mirror batch (the server holds a batch in memory until its
 /// commit).
