@@ -51,6 +51,28 @@ fn signal(id: u32) -> Event {
     }
 }
 
+/// A journal mirrored to a fresh nats-server, over storage whose faults the test injects.
+/// The server and the directory live as long as the returned guards.
+async fn journal_with_faults() -> anyhow::Result<(
+    NatsServer,
+    async_nats::Client,
+    tempfile::TempDir,
+    std::sync::Arc<StorageFaults>,
+    Journal,
+)> {
+    let nats = NatsServer::start().await?;
+    let client = nats.connect().await?;
+    let streams = Streams::ensure(&client).await?;
+    let dir = tempfile::tempdir()?;
+    let faults = StorageFaults::none();
+    let journal = Journal::open_with(
+        &dir.path().join("journal.redb"),
+        Some(streams),
+        Some(faults.clone()),
+    )?;
+    Ok((nats, client, dir, faults, journal))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_commit_is_mirrored_in_atomic_batches_and_a_stale_writer_is_refused()
 -> anyhow::Result<()> {
@@ -119,16 +141,7 @@ async fn a_group_commit_is_mirrored_in_atomic_batches_and_a_stale_writer_is_refu
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mirror_ahead_of_a_failed_commit_is_adopted_by_the_reconciliation() -> anyhow::Result<()>
 {
-    let nats = NatsServer::start().await?;
-    let client = nats.connect().await?;
-    let streams = Streams::ensure(&client).await?;
-    let dir = tempfile::tempdir()?;
-    let faults = StorageFaults::none();
-    let journal = Journal::open_with(
-        &dir.path().join("journal.redb"),
-        Some(streams.clone()),
-        Some(faults.clone()),
-    )?;
+    let (_nats, client, _dir, faults, journal) = journal_with_faults().await?;
     let run = "ahead";
     assert!(matches!(
         journal.start(record(run), started(run)).await?,
@@ -171,16 +184,7 @@ async fn a_mirror_ahead_of_a_failed_commit_is_adopted_by_the_reconciliation() ->
 /// and the reconciliation adopts each.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_of_overlapped_appends_whose_commit_failed_is_adopted() -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let client = nats.connect().await?;
-    let streams = Streams::ensure(&client).await?;
-    let dir = tempfile::tempdir()?;
-    let faults = StorageFaults::none();
-    let journal = Journal::open_with(
-        &dir.path().join("journal.redb"),
-        Some(streams.clone()),
-        Some(faults.clone()),
-    )?;
+    let (_nats, client, _dir, faults, journal) = journal_with_faults().await?;
     for n in [20usize, 4] {
         let runs: Vec<String> = (0..n).map(|i| format!("g{n}-{i:02}")).collect();
         for s in join_all(runs.iter().map(|r| journal.start(record(r), started(r)))).await {
