@@ -328,8 +328,8 @@ pub struct Journal {
     tx: mpsc::Sender<Request>,
     mirror: Option<Streams>,
     chain: Arc<tokio::sync::Mutex<HashMap<String, u64>>>,
-    /// See [`Writer::ahead`].
-    ahead: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// See [`Writer::unreconciled`].
+    unreconciled: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 impl Journal {
@@ -358,14 +358,14 @@ impl Journal {
             mirror,
             chain: Arc::default(),
             known: HashMap::new(),
-            ahead: Arc::default(),
+            unreconciled: Arc::default(),
         };
         let journal = Journal {
             db: writer.db.clone(),
             tx,
             mirror: writer.mirror.clone(),
             chain: writer.chain.clone(),
-            ahead: writer.ahead.clone(),
+            unreconciled: writer.unreconciled.clone(),
         };
         tokio::spawn(writer.run(rx));
         Ok(journal)
@@ -514,7 +514,7 @@ impl Journal {
     /// mirror publish that failed): [`Journal::reconcile_mirror`] it before rebuilding the
     /// run from redb.
     pub fn unreconciled(&self, run_id: &str) -> bool {
-        self.ahead
+        self.unreconciled
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains(run_id)
@@ -529,7 +529,7 @@ impl Journal {
     /// done. Call it before an execution is rebuilt from redb.
     pub async fn reconcile_mirror(&self, run_id: &str) -> Result<(), Error> {
         self.reconcile(run_id).await?;
-        self.ahead
+        self.unreconciled
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(run_id);
@@ -593,12 +593,7 @@ impl Journal {
                 .await
                 .map_err(|_| Error::Closed)?;
             rx.await.map_err(|_| Error::Closed)??;
-            let mut chain = self.chain.lock().await;
-            if closes {
-                chain.remove(run_id);
-            } else {
-                chain.insert(run_id.into(), head);
-            }
+            advance_chain(&mut *self.chain.lock().await, run_id, closes, Ok(head));
             return Ok(());
         }
         let missing: Vec<Event> = history.into_iter().filter(|e| e.id > mirrored).collect();
@@ -635,7 +630,7 @@ struct Writer {
     known: HashMap<String, (String, u32)>,
     /// Runs whose two stores may differ after a failed write, until
     /// [`Journal::reconcile_mirror`] makes them agree (see [`Journal::unreconciled`]).
-    ahead: Arc<std::sync::Mutex<HashSet<String>>>,
+    unreconciled: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 /// The mirror messages of a group's appends, made before its commit so that the publishes
@@ -694,7 +689,7 @@ impl Writer {
             };
             let mirrored = self.mirror_group(&group, &outcomes, &HashSet::new()).await;
             for run_id in mirrored.keys() {
-                self.mark_ahead(run_id);
+                self.mark_unreconciled(run_id);
             }
             self.learn(&group, &outcomes, &mirrored);
             answer(group, outcomes, mirrored);
@@ -780,17 +775,8 @@ impl Writer {
         let mut failed = HashMap::new();
         if let Some(results) = published {
             for ((run_id, closes), r) in runs.iter().zip(results) {
-                match r {
-                    Ok(seq) if !closes => {
-                        chain.insert(run_id.clone(), seq);
-                    }
-                    Ok(_) => {
-                        chain.remove(run_id);
-                    }
-                    Err(e) => {
-                        chain.remove(run_id);
-                        failed.insert(run_id.clone(), e);
-                    }
+                if let Some(e) = advance_chain(&mut chain, run_id, *closes, r) {
+                    failed.insert(run_id.clone(), e);
                 }
                 settled.insert(run_id.clone());
             }
@@ -808,14 +794,14 @@ impl Writer {
                         // mirror now holds events redb refused.
                         tracing::error!(%run_id, "redb refused an append the mirror stored");
                         self.chain.lock().await.remove(run_id);
-                        self.mark_ahead(run_id);
+                        self.mark_unreconciled(run_id);
                     }
                 }
                 // The starts (and any append whose batch was refused), now that redb has
                 // decided them.
                 failed.extend(self.mirror_group(&group, &outcomes, &settled).await);
                 for run_id in failed.keys() {
-                    self.mark_ahead(run_id);
+                    self.mark_unreconciled(run_id);
                 }
                 self.learn(&group, &outcomes, &failed);
                 answer(group, outcomes, failed);
@@ -835,7 +821,7 @@ impl Writer {
             Err(join) => {
                 tracing::error!(error = %join, "journal commit task panicked");
                 for (run_id, _) in &runs {
-                    self.mark_ahead(run_id);
+                    self.mark_unreconciled(run_id);
                     self.known.remove(run_id);
                 }
             }
@@ -846,21 +832,21 @@ impl Writer {
     fn mark_group(&self, group: &[Request]) {
         for req in group {
             match req {
-                Request::Start { record, .. } => self.mark_ahead(&record.run_id),
+                Request::Start { record, .. } => self.mark_unreconciled(&record.run_id),
                 Request::Append {
                     run_id, successor, ..
                 } => {
-                    self.mark_ahead(run_id);
+                    self.mark_unreconciled(run_id);
                     if let Some(next) = successor {
-                        self.mark_ahead(&next.0.run_id);
+                        self.mark_unreconciled(&next.0.run_id);
                     }
                 }
             }
         }
     }
 
-    fn mark_ahead(&self, run_id: &str) {
-        self.ahead
+    fn mark_unreconciled(&self, run_id: &str) {
+        self.unreconciled
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(run_id.to_string());
@@ -968,55 +954,33 @@ impl Writer {
         };
         let mut acks = Vec::with_capacity(per_run.len());
         for (i, (run_id, workflow_id, events)) in per_run.iter().enumerate() {
+            let closes = events.last().is_some_and(|e| e.kind.is_close());
             if let Some(seq) = batched.get(i).copied().flatten() {
-                if events.last().is_some_and(|e| e.kind.is_close()) {
-                    chain.remove(run_id);
-                } else {
-                    chain.insert(run_id.clone(), seq);
-                }
+                advance_chain(&mut chain, run_id, closes, Ok(seq));
                 continue;
             }
             let expected = expected_head(&chain, run_id, events);
-            // The common case: one message per run, acks awaited together below.
-            match publish_mirror(streams, workflow_id, run_id, events, expected).await {
+            let stored = match publish_mirror(streams, workflow_id, run_id, events, expected).await
+            {
+                // The common case: one message per run, acks awaited together below.
                 Ok(Some(ack)) => {
-                    acks.push((run_id, events, ack));
+                    acks.push((run_id, closes, ack));
                     continue;
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    chain.remove(run_id);
-                    failed.insert(run_id.clone(), e);
-                    continue;
+                // Over the server's message limit (large payloads): several messages, chained.
+                Ok(None) => {
+                    publish_mirror_chain(streams, workflow_id, run_id, events, expected).await
                 }
-            }
-            // Over the server's message limit (large payloads): several messages, chained.
-            match publish_mirror_chain(streams, workflow_id, run_id, events, expected).await {
-                Ok(_) if events.last().is_some_and(|e| e.kind.is_close()) => {
-                    chain.remove(run_id);
-                }
-                Ok(seq) => {
-                    chain.insert(run_id.clone(), seq);
-                }
-                Err(e) => {
-                    chain.remove(run_id);
-                    failed.insert(run_id.clone(), e);
-                }
+                Err(e) => Err(e),
+            };
+            if let Some(e) = advance_chain(&mut chain, run_id, closes, stored) {
+                failed.insert(run_id.clone(), e);
             }
         }
-        for (run_id, events, ack) in acks {
-            match baton_transport::faults::call("mirror ack", ack).await {
-                Ok(ack) => {
-                    if events.last().is_some_and(|e| e.kind.is_close()) {
-                        chain.remove(run_id);
-                    } else {
-                        chain.insert(run_id.clone(), ack.sequence);
-                    }
-                }
-                Err(e) => {
-                    chain.remove(run_id);
-                    failed.insert(run_id.clone(), Error::Mirror(format!("run {run_id}: {e}")));
-                }
+        for (run_id, closes, ack) in acks {
+            let stored = mirror_acked(run_id, ack).await;
+            if let Some(e) = advance_chain(&mut chain, run_id, closes, stored) {
+                failed.insert(run_id.clone(), e);
             }
         }
         failed
@@ -1086,10 +1050,7 @@ async fn publish_overlapped(
     let mut out = Vec::with_capacity(n);
     for (run_id, ack) in sent {
         out.push(match ack {
-            Ok(ack) => baton_transport::faults::call("mirror ack", ack)
-                .await
-                .map(|a| a.sequence)
-                .map_err(|e| Error::Mirror(format!("run {run_id}: {e}"))),
+            Ok(ack) => mirror_acked(&run_id, ack).await,
             Err(e) => Err(e),
         });
     }
@@ -1265,6 +1226,38 @@ async fn publish_mirror(
         return Ok(None);
     };
     send_mirror(streams, run_id, headers, bytes).await.map(Some)
+}
+
+/// Awaits a run's mirror message's acknowledgement: the sequence it was stored at.
+async fn mirror_acked(run_id: &str, ack: PublishAckFuture) -> Result<u64, Error> {
+    baton_transport::faults::call("mirror ack", ack)
+        .await
+        .map(|a| a.sequence)
+        .map_err(|e| Error::Mirror(format!("run {run_id}: {e}")))
+}
+
+/// Moves a run's chain head after a mirror append: to the message stored, or off the
+/// chain when the append closed the run or failed. Returns the failure.
+fn advance_chain(
+    chain: &mut HashMap<String, u64>,
+    run_id: &str,
+    closes: bool,
+    stored: Result<u64, Error>,
+) -> Option<Error> {
+    match stored {
+        Ok(seq) if !closes => {
+            chain.insert(run_id.to_string(), seq);
+            None
+        }
+        Ok(_) => {
+            chain.remove(run_id);
+            None
+        }
+        Err(e) => {
+            chain.remove(run_id);
+            Some(e)
+        }
+    }
 }
 
 /// Publishes one mirror message of a run; the ack is awaited by the caller.
