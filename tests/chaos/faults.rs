@@ -312,11 +312,31 @@ async fn expect_code(
     body: Vec<u8>,
     want: Option<&str>,
 ) {
-    stats.sent += 1;
     let shown = format!(
         "{subject} {:?}",
         String::from_utf8_lossy(&body[..body.len().min(80)])
     );
+    match ask(c, stats, subject, headers, body, &shown).await {
+        Some(m) if clear_error(&m, want) => stats.clear_errors += 1,
+        Some(m) => stats.unclear.push((
+            shown,
+            String::from_utf8_lossy(&m.payload[..m.payload.len().min(200)]).into(),
+        )),
+        None => {}
+    }
+}
+
+/// Sends one request of a volley (counted) and returns its answer; no answer within 10 s
+/// is recorded as unclear.
+async fn ask(
+    c: &Cluster,
+    stats: &mut EdgeStats,
+    subject: &str,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    shown: &str,
+) -> Option<async_nats::Message> {
+    stats.sent += 1;
     let request = async_nats::Request::new()
         .headers(headers)
         .payload(Bytes::from(body))
@@ -327,12 +347,13 @@ async fn expect_code(
         .send_request(subject.to_string(), request)
         .await
     {
-        Ok(m) if clear_error(&m, want) => stats.clear_errors += 1,
-        Ok(m) => stats.unclear.push((
-            shown,
-            String::from_utf8_lossy(&m.payload[..m.payload.len().min(200)]).into(),
-        )),
-        Err(e) => stats.unclear.push((shown, format!("no answer: {e}"))),
+        Ok(m) => Some(m),
+        Err(e) => {
+            stats
+                .unclear
+                .push((shown.to_string(), format!("no answer: {e}")));
+            None
+        }
     }
 }
 
@@ -560,22 +581,9 @@ async fn expect_report_settled(
     body: Vec<u8>,
     malformed: bool,
 ) {
-    stats.sent += 1;
     let shown = format!("{subject} ({} bytes)", body.len());
-    let request = async_nats::Request::new()
-        .payload(Bytes::from(body))
-        .timeout(Some(Duration::from_secs(10)));
-    let answer = match c
-        .client
-        .nats()
-        .send_request(subject.to_string(), request)
-        .await
-    {
-        Ok(m) => m,
-        Err(e) => {
-            stats.unclear.push((shown, format!("no answer: {e}")));
-            return;
-        }
+    let Some(answer) = ask(c, stats, subject, HeaderMap::new(), body, &shown).await else {
+        return;
     };
     match codec::decode::<ReportAck>(&answer.payload) {
         Ok(ack) if ack.settled && ack.error.is_some() == malformed => {
