@@ -813,28 +813,14 @@ async fn report_and_ack(
                 (false, e) => Err(e.unwrap_or_else(|| "not recorded".into())),
             }
         });
-        tokio::pin!(ask);
-        let answered = loop {
-            tokio::select! {
-                r = &mut ask => break r,
-                _ = progress.tick() => progress_ack(message).await,
-            }
-        };
-        match answered {
+        match with_progress(ask, message, &mut progress).await {
             Ok(()) => break,
             Err(e) => {
                 if tries == 1 || tries.is_multiple_of(20) {
                     tracing::warn!(error = %e, run_id = %task.run_id, seq = task.seq, attempt = task.attempt, tries,
                         "report not recorded yet; asking again");
                 }
-                let pause = tokio::time::sleep(delay);
-                tokio::pin!(pause);
-                loop {
-                    tokio::select! {
-                        _ = &mut pause => break,
-                        _ = progress.tick() => progress_ack(message).await,
-                    }
-                }
+                with_progress(tokio::time::sleep(delay), message, &mut progress).await;
                 delay = (delay * 2).min(REPORT_RETRY_MAX);
             }
         }
@@ -845,6 +831,22 @@ async fn report_and_ack(
     // second report dropped as stale: the recorded report is what counts.
     if let Err(e) = faults::call("task ack", message.ack()).await {
         tracing::warn!(error = %e, "task ack failed (it may be redelivered; its report is recorded)");
+    }
+}
+
+/// Awaits `f`, telling JetStream at each tick of `progress` meanwhile that the task is in
+/// progress.
+async fn with_progress<T>(
+    f: impl std::future::Future<Output = T>,
+    message: &jetstream::Message,
+    progress: &mut tokio::time::Interval,
+) -> T {
+    tokio::pin!(f);
+    loop {
+        tokio::select! {
+            r = &mut f => return r,
+            _ = progress.tick() => progress_ack(message).await,
+        }
     }
 }
 
