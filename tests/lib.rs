@@ -11,6 +11,7 @@
 //! `cargo build` ([`baton_bin`]); `cargo xtask test` does both and sets the variables.
 
 use std::{
+    collections::HashMap,
     fs::{File, OpenOptions},
     io::Write as _,
     net::{SocketAddr, TcpListener, TcpStream},
@@ -21,13 +22,15 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use async_nats::{HeaderMap, RequestErrorKind};
+use baton_actors::{history::Event, journal::MirrorGroup};
 use baton_transport::{
-    codec::{CONTENT_TYPE, JSON},
+    codec::{self, CONTENT_TYPE, JSON},
     jetstream::local_server_config,
     subject,
     wire::{HistoryPages, HistoryRequest, Reply, ResultReply, StartReply, StartRequest},
 };
 use bytes::Bytes;
+use futures::StreamExt;
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -727,6 +730,53 @@ fn decode_reply<T: serde::de::DeserializeOwned>(
     decoded
         .into_result()
         .map_err(|e| anyhow!("{subject} refused: {:?}: {}", e.code, e.message))
+}
+
+/// Every message of the journal's JetStream mirror (`BATON_HISTORY`): group commits, in
+/// the order they were stored.
+pub async fn mirror_groups(nats: &async_nats::Client) -> Result<Vec<MirrorGroup>> {
+    let js = async_nats::jetstream::new(nats.clone());
+    let mut stream = js.get_stream(subject::HISTORY_STREAM).await?;
+    let total = stream.info().await?.state.messages;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            filter_subject: subject::HISTORY_ALL.into(),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            inactive_threshold: std::time::Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await?;
+    let mut out = Vec::new();
+    // Pulls of a bounded size: a default pull (200 messages) of large mirror messages (up
+    // to the 8 MB server limit each) overflows the client's pending buffer, and the
+    // messages it drops are not delivered again (no acks).
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(64)
+        .max_bytes_per_batch(16 << 20)
+        .messages()
+        .await?;
+    while (out.len() as u64) < total {
+        let read = out.len();
+        let m = tokio::time::timeout(std::time::Duration::from_secs(30), messages.next())
+            .await
+            .map_err(|_| anyhow!("the mirror stopped after {read} of {total} messages"))?
+            .ok_or_else(|| anyhow!("the mirror ended after {read} of {total} messages"))?
+            .map_err(|e| anyhow!("reading the mirror: {e}"))?;
+        out.push(codec::decode(&m.payload)?);
+    }
+    Ok(out)
+}
+
+/// Every event of the journal's JetStream mirror, by run.
+pub async fn read_mirror(nats: &async_nats::Client) -> Result<HashMap<String, Vec<Event>>> {
+    let mut out: HashMap<String, Vec<Event>> = HashMap::new();
+    for group in mirror_groups(nats).await? {
+        for run in group.runs {
+            out.entry(run.record.run_id).or_default().extend(run.events);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

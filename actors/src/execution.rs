@@ -2220,12 +2220,12 @@ impl Actor for Supervisor {
                 {
                     return Ok(());
                 }
-                // A run whose last write failed (its two stores may differ: the mirror
-                // ahead of a failed commit, or redb ahead of a failed publish) is
-                // reconciled first, as a restart does: a report answered quickly can bring
-                // it back before its restart's backoff is over.
-                if state.rt.journal.unreconciled(&run_id)
-                    && let Err(e) = state.rt.journal.reconcile_mirror(&run_id).await
+                // After a failed write the two stores may differ (the mirror ahead of a
+                // failed commit, or redb ahead of a failed publish): they are reconciled
+                // first, as a restart does: a report answered quickly can bring a run of
+                // that write back before its restart's backoff is over.
+                if state.rt.journal.unreconciled()
+                    && let Err(e) = state.rt.journal.reconcile_mirror().await
                 {
                     tracing::warn!(%run_id, error = %e, "mirror not reconciled yet; rehydrating later");
                     myself.send_after(Duration::from_secs(1), move || SupervisorMsg::Rehydrate {
@@ -2283,7 +2283,7 @@ impl Actor for Supervisor {
                 };
                 // Closed or open, the mirror first: a commit that failed may have held (its
                 // close included), leaving redb ahead of the mirror.
-                if let Err(e) = state.rt.journal.reconcile_mirror(&run_id).await {
+                if let Err(e) = state.rt.journal.reconcile_mirror().await {
                     tracing::warn!(%run_id, error = %e, "mirror not repaired yet; retrying the restart");
                     retry(&myself, run_id);
                     return Ok(());

@@ -1,24 +1,32 @@
-//! The journal: every run's events, committed to redb and mirrored to JetStream
-//! (`baton.history.<run_id>`) before the caller is told they are durable.
+//! The journal: every run's events, committed to redb and mirrored to JetStream before the
+//! caller is told they are durable.
 //!
 //! One writer task owns all writes and commits them in groups: whatever requests are
-//! waiting when a commit starts go into one redb transaction (one fsync), then their
-//! mirror messages (one per run, chained with `Nats-Expected-Last-Subject-Sequence` so
-//! that a stale writer cannot append) are published to JetStream as one atomic batch
-//! (all stored or none; one per run, pipelined, where the batch was refused or a run's
-//! events need several messages), and only then is each caller answered. Workflow-ID uniqueness is a compare-and-set inside that
-//! transaction: the first start of an ID wins, whatever the timing.
+//! waiting when a commit starts go into one redb transaction (one fsync). What the group
+//! appended is mirrored as one JetStream message on the writer's subject
+//! (`baton.history.log.<writer>`), published while redb syncs; the runs it started, as one
+//! more once redb has decided them (a refused start leaves nothing in the mirror). Each
+//! caller is answered only once both stores hold its write. The messages form a log of group
+//! commits, numbered in redb in the same transaction and chained with
+//! `Nats-Expected-Last-Subject-Sequence`, so that a stale writer cannot append and the two
+//! stores differ by at most the last group, which [`Journal::reconcile_mirror`] settles.
+//! Workflow-ID uniqueness is a compare-and-set inside the transaction: the first start of
+//! an ID wins, whatever the timing.
 //!
 //! Tables: `runs` (run_id -> [`RunRecord`]), `ids` (workflow_id -> run_id), `events`
-//! ((run_id, event id) -> [`Event`]), `open` (run_id -> 0, the runs to recover).
+//! ((run_id, event id) -> [`Event`]), `open` (run_id -> 0, the runs to recover), `meta`
+//! (the writer's ID and its last group commit).
 
 use std::{
-    collections::{HashMap, HashSet},
+    borrow::Cow,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
-use async_nats::{HeaderMap, jetstream::context::PublishAckFuture};
+use async_nats::HeaderMap;
 use baton_transport::{codec, jetstream::Streams, subject};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -35,6 +43,11 @@ const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 const IDS: TableDefinition<&str, &str> = TableDefinition::new("ids");
 const EVENTS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("events");
 const OPEN: TableDefinition<&str, u8> = TableDefinition::new("open");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// `meta` key of the writer's ID (made when the file is created).
+const META_WRITER: &str = "writer";
+/// `meta` key of the groups of the writer's last transaction ([`LastCommit`]).
+const META_GROUP: &str = "group";
 
 /// Most requests committed in one transaction.
 const MAX_GROUP: usize = 512;
@@ -213,15 +226,88 @@ impl IdPolicies {
     }
 }
 
-/// What the JetStream mirror carries per append.
+/// One message of the JetStream mirror: one group commit of a journal writer (or a part of
+/// one too large for a message), on the writer's subject (`baton.history.log.<writer>`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MirrorBatch {
-    /// The workflow ID.
-    pub workflow_id: String,
-    /// The run ID.
-    pub run_id: String,
-    /// Consecutive events of the run.
+pub struct MirrorGroup {
+    /// The journal writer (its ID, kept in its redb file).
+    pub writer: String,
+    /// The group's number: one more than the writer's previous group.
+    pub group: u64,
+    /// This message's part of the group, from 1.
+    pub part: u32,
+    /// The group's number of parts (1 unless it was too large for one message).
+    pub parts: u32,
+    /// What the group wrote of each run, in commit order.
+    pub runs: Vec<MirrorRun>,
+}
+
+/// What a group commit wrote of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MirrorRun {
+    /// The run's record once the group committed.
+    pub record: RunRecord,
+    /// The run's events the group appended (consecutive; from 1 for a new run).
     pub events: Vec<Event>,
+}
+
+/// [`MirrorRun`] as encoded, borrowing what it can.
+#[derive(Debug, Clone, Serialize)]
+struct RunEntry<'a> {
+    record: Cow<'a, RunRecord>,
+    events: Cow<'a, [Event]>,
+}
+
+/// [`MirrorGroup`] as encoded.
+#[derive(Serialize)]
+struct GroupMessage<'a> {
+    writer: &'a str,
+    group: u64,
+    part: u32,
+    parts: u32,
+    runs: &'a [RunEntry<'a>],
+}
+
+/// What redb keeps of a group in the writer's last transaction: its number and, per run in
+/// order, the first event it wrote (the rest are the run's events up to its last), so that
+/// the group's mirror message can be made again from redb.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LastGroup {
+    group: u64,
+    runs: Vec<(String, u32)>,
+}
+
+/// The groups of the writer's last transaction, in order: its appends (mirrored while redb
+/// syncs), then its starts (mirrored once redb has committed them). Empty before the
+/// first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LastCommit {
+    groups: Vec<LastGroup>,
+}
+
+impl LastCommit {
+    /// The number of the last group written (0 for none).
+    fn last(&self) -> u64 {
+        self.groups.last().map_or(0, |g| g.group)
+    }
+
+    fn of(entries: &[(u64, &[RunEntry<'_>])]) -> LastCommit {
+        LastCommit {
+            groups: entries
+                .iter()
+                .map(|(group, runs)| LastGroup {
+                    group: *group,
+                    runs: runs
+                        .iter()
+                        .map(|e| {
+                            let first = e.events.first().map_or(0, |e| e.id);
+                            (e.record.run_id.clone(), first)
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A run created by a continue-as-new, with its first events.
@@ -238,8 +324,10 @@ enum Request {
         run_id: String,
         events: Vec<Event>,
         successor: Option<Successor>,
-        /// False for events adopted from the mirror (already there): redb only.
-        mirror: bool,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// Answered once the two stores agree (see [`Journal::reconcile_mirror`]).
+    Reconcile {
         reply: oneshot::Sender<Result<(), Error>>,
     },
 }
@@ -277,6 +365,11 @@ impl Store {
             txn.open_table(IDS).map_err(storage)?;
             txn.open_table(EVENTS).map_err(storage)?;
             txn.open_table(OPEN).map_err(storage)?;
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            if meta.get(META_WRITER).map_err(storage)?.is_none() {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                meta.insert(META_WRITER, id.as_bytes()).map_err(storage)?;
+            }
         }
         txn.commit().map_err(storage)?;
         Ok(db)
@@ -319,6 +412,22 @@ impl Store {
     fn invalidate(&self) {
         self.db.write().expect("journal store lock").take();
     }
+
+    /// The writer's ID and the groups of its last transaction.
+    fn meta(&self) -> Result<(String, LastCommit), Error> {
+        let txn = self.get()?.begin_read().map_err(storage)?;
+        let meta = txn.open_table(META).map_err(storage)?;
+        let writer = match meta.get(META_WRITER).map_err(storage)? {
+            Some(v) => String::from_utf8(v.value().to_vec())
+                .map_err(|e| Error::Corrupt(format!("journal writer ID: {e}")))?,
+            None => return Err(Error::Corrupt("journal without a writer ID".into())),
+        };
+        let last = match meta.get(META_GROUP).map_err(storage)? {
+            Some(v) => codec::decode(v.value()).map_err(|e| Error::Corrupt(e.to_string()))?,
+            None => LastCommit::default(),
+        };
+        Ok((writer, last))
+    }
 }
 
 /// Handle on the journal. Cheap to clone.
@@ -326,10 +435,9 @@ impl Store {
 pub struct Journal {
     db: Arc<Store>,
     tx: mpsc::Sender<Request>,
-    mirror: Option<Streams>,
-    chain: Arc<tokio::sync::Mutex<HashMap<String, u64>>>,
-    /// See [`Writer::unreconciled`].
-    unreconciled: Arc<std::sync::Mutex<HashSet<String>>>,
+    mirror_subject: Option<String>,
+    /// See [`Journal::unreconciled`].
+    dirty: Arc<AtomicBool>,
 }
 
 impl Journal {
@@ -352,23 +460,35 @@ impl Journal {
             opened: Default::default(),
         };
         store.get()?;
+        let (writer_id, last) = store.meta()?;
         let (tx, rx) = mpsc::channel(4096);
-        let writer = Writer {
-            db: Arc::new(store),
-            mirror,
-            chain: Arc::default(),
-            known: HashMap::new(),
-            unreconciled: Arc::default(),
-        };
+        let mirror = mirror.map(|streams| Mirror {
+            subject: subject::journal_log(&writer_id),
+            streams,
+            head: 0,
+        });
+        // With a mirror, the two stores are compared before the first write.
+        let dirty = Arc::new(AtomicBool::new(mirror.is_some()));
         let journal = Journal {
-            db: writer.db.clone(),
+            db: Arc::new(store),
             tx,
-            mirror: writer.mirror.clone(),
-            chain: writer.chain.clone(),
-            unreconciled: writer.unreconciled.clone(),
+            mirror_subject: mirror.as_ref().map(|m| m.subject.clone()),
+            dirty: dirty.clone(),
+        };
+        let writer = Writer {
+            db: journal.db.clone(),
+            id: writer_id,
+            mirror,
+            dirty,
+            next_group: last.last() + 1,
         };
         tokio::spawn(writer.run(rx));
         Ok(journal)
+    }
+
+    /// The subject of this journal's mirror (`baton.history.log.<writer>`), if mirrored.
+    pub fn mirror_subject(&self) -> Option<&str> {
+        self.mirror_subject.as_deref()
     }
 
     /// Creates a run unless its workflow ID already has one (compare-and-set), with the
@@ -430,7 +550,6 @@ impl Journal {
                 run_id: run_id.into(),
                 events,
                 successor: successor.map(Box::new),
-                mirror: true,
                 reply,
             })
             .await
@@ -461,15 +580,7 @@ impl Journal {
     pub fn history(&self, run_id: &str) -> Result<Vec<Event>, Error> {
         let txn = self.db.get()?.begin_read().map_err(storage)?;
         let events = txn.open_table(EVENTS).map_err(storage)?;
-        let mut out = Vec::new();
-        for item in events
-            .range((run_id, 0)..=(run_id, u32::MAX))
-            .map_err(storage)?
-        {
-            let (_, v) = item.map_err(storage)?;
-            out.push(codec::decode::<Event>(v.value()).map_err(|e| Error::Corrupt(e.to_string()))?);
-        }
-        Ok(out)
+        read_events(&events, run_id, 0)
     }
 
     /// The runs not closed yet (to recover after a restart).
@@ -509,803 +620,462 @@ impl Journal {
         Ok(out)
     }
 
-    /// Whether the run's two stores may differ after a failed write (a commit that failed
-    /// after the mirror stored the append, or that reported failure and may have held; a
-    /// mirror publish that failed): [`Journal::reconcile_mirror`] it before rebuilding the
-    /// run from redb.
-    pub fn unreconciled(&self, run_id: &str) -> bool {
-        self.unreconciled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(run_id)
+    /// Whether the two stores may differ: a write failed (in redb or in the mirror) and the
+    /// writer has not compared them since, or it has not started yet. Rebuild a run from
+    /// redb only after [`Journal::reconcile_mirror`] then.
+    pub fn unreconciled(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
     }
 
-    /// Makes the two stores of a run agree, after a crash or a failed write between them,
-    /// and learns the mirror's chain head. redb ahead (its commit held, the mirror publish
-    /// did not): the missing events are published. The mirror ahead by its last message
-    /// (a lone append's publish overlaps its commit, and the commit failed): that
-    /// message's events are adopted into redb. They were never acknowledged, and nothing
-    /// they caused left the node; adopting them is what a successful commit would have
-    /// done. Call it before an execution is rebuilt from redb.
-    pub async fn reconcile_mirror(&self, run_id: &str) -> Result<(), Error> {
-        self.reconcile(run_id).await?;
-        self.unreconciled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(run_id);
-        Ok(())
-    }
-
-    async fn reconcile(&self, run_id: &str) -> Result<(), Error> {
-        let Some(streams) = &self.mirror else {
+    /// Makes the two stores agree, after a crash or a failed write between them; returns
+    /// at once when they do. They differ by at most the writer's last group commit: redb
+    /// ahead (its commit held, the mirror's publish did not), the group is published
+    /// again from redb; the mirror ahead (the publish held, the commit did not), the
+    /// group's message is adopted into redb. Its requests were never acknowledged, and
+    /// nothing they caused left the node; adopting them is what a successful commit would
+    /// have done. Call it before an execution is rebuilt from redb.
+    pub async fn reconcile_mirror(&self) -> Result<(), Error> {
+        if !self.unreconciled() {
             return Ok(());
-        };
-        let subject = subject::history(run_id);
-        let (last_batch, head) = match streams
-            .history
-            .get_last_raw_message_by_subject(&subject)
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Reconcile { reply })
             .await
-        {
-            Ok(m) => {
-                let batch: MirrorBatch = codec::decode(&m.payload)
-                    .map_err(|e| Error::Corrupt(format!("mirror of {run_id}: {e}")))?;
-                (Some(batch), m.sequence)
-            }
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                (None, 0)
-            }
-            Err(e) => return Err(Error::Mirror(e.to_string())),
-        };
-        let mirrored = last_batch
-            .as_ref()
-            .and_then(|b| b.events.last())
-            .map_or(0, |e| e.id);
-        let history = self.history(run_id)?;
-        let recorded = history.last().map_or(0, |e| e.id);
-        if mirrored > recorded
-            && let Some(batch) = last_batch
-        {
-            if batch.events.first().map(|e| e.id) != Some(recorded + 1) {
-                return Err(Error::Corrupt(format!(
-                    "the mirror of run {run_id} holds events up to {mirrored} that redb (up to \
-                     {recorded}) lacks, beyond its last message"
-                )));
-            }
-            tracing::warn!(
-                run_id,
-                from = recorded + 1,
-                count = batch.events.len(),
-                "adopting the mirror's last append into redb"
-            );
-            let closes = batch.events.last().is_some_and(|e| e.kind.is_close());
-            let (reply, rx) = oneshot::channel();
-            self.tx
-                .send(Request::Append {
-                    run_id: run_id.into(),
-                    events: batch.events,
-                    successor: None,
-                    mirror: false,
-                    reply,
-                })
-                .await
-                .map_err(|_| Error::Closed)?;
-            rx.await.map_err(|_| Error::Closed)??;
-            advance_chain(&mut *self.chain.lock().await, run_id, closes, Ok(head));
-            return Ok(());
-        }
-        let missing: Vec<Event> = history.into_iter().filter(|e| e.id > mirrored).collect();
-        let mut chain = self.chain.lock().await;
-        chain.insert(run_id.into(), head);
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let record = self
-            .run(run_id)?
-            .ok_or_else(|| Error::Invalid(format!("unknown run {run_id}")))?;
-        tracing::warn!(
-            run_id,
-            from = missing[0].id,
-            count = missing.len(),
-            "repairing journal mirror"
-        );
-        let seq = publish_mirror_chain(streams, &record.workflow_id, run_id, &missing, Some(head))
-            .await?;
-        chain.insert(run_id.into(), seq);
-        Ok(())
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
     }
+}
+
+/// The writer's mirror: its subject on `BATON_HISTORY` and the sequence of the last
+/// message there (the chain head its next message must follow).
+struct Mirror {
+    streams: Streams,
+    subject: String,
+    head: u64,
 }
 
 /// The single writer: owns the commit loop. Holds no sender, so it ends (and releases the
 /// file) when the last [`Journal`] handle is dropped.
 struct Writer {
     db: Arc<Store>,
-    mirror: Option<Streams>,
-    chain: Arc<tokio::sync::Mutex<HashMap<String, u64>>>,
-    /// Open runs whose last write this writer made in both stores: run ID -> (workflow
-    /// ID, last event ID). An append that follows on is known to be valid before redb
-    /// checks it, so its mirror publish may overlap its commit (see [`Writer::overlap`]).
-    known: HashMap<String, (String, u32)>,
-    /// Runs whose two stores may differ after a failed write, until
-    /// [`Journal::reconcile_mirror`] makes them agree (see [`Journal::unreconciled`]).
-    unreconciled: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// The writer's ID (kept in redb): names its mirror subject.
+    id: String,
+    mirror: Option<Mirror>,
+    /// Set when a write failed (or before the first one): the stores are compared before
+    /// the next group.
+    dirty: Arc<AtomicBool>,
+    /// The number the next group commit that writes anything takes.
+    next_group: u64,
 }
 
-/// The mirror messages of a group's appends, made before its commit so that the publishes
-/// and the commit can run at once (see [`Writer::overlap`]).
-struct Overlap {
-    streams: Streams,
-    /// One per overlapped append, in group order.
-    messages: Vec<OverlapMessage>,
-}
-
-struct OverlapMessage {
-    run_id: String,
-    headers: HeaderMap,
-    bytes: Vec<u8>,
-    /// The append closes its run (no chain head to keep).
-    closes: bool,
+/// What a transaction leaves to publish to the mirror: the group of its appends, then the
+/// group of its starts (either may be absent).
+#[derive(Default)]
+struct Mirrored {
+    /// Group numbers used.
+    groups: u64,
+    /// The appends' group was one message, handed to the publisher before redb's commit
+    /// (it overlaps the commit).
+    early: bool,
+    /// The appends' group's parts, when it is too large for one message: published in
+    /// order after the commit.
+    appends: Vec<Vec<u8>>,
+    /// The starts' group's messages, published once redb has decided them: a start
+    /// refused (its commit failed) must leave nothing in the mirror.
+    starts: Vec<Vec<u8>>,
 }
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         while let Some(first) = rx.recv().await {
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP {
+            let mut requests = vec![first];
+            while requests.len() < MAX_GROUP {
                 match rx.try_recv() {
-                    Ok(r) => group.push(r),
+                    Ok(r) => requests.push(r),
                     Err(_) => break,
                 }
             }
-            if let Some(overlap) = self.overlap(&group) {
-                self.commit_overlapped(group, overlap).await;
+            let mut reconciles = Vec::new();
+            let mut group = Vec::with_capacity(requests.len());
+            for req in requests {
+                match req {
+                    Request::Reconcile { reply } => reconciles.push(reply),
+                    other => group.push(other),
+                }
+            }
+            let reconciled = if self.dirty.load(Ordering::Acquire) {
+                self.reconcile().await
+            } else {
+                Ok(())
+            };
+            for reply in reconciles {
+                let _ = reply.send(reconciled.clone());
+            }
+            if let Err(e) = reconciled {
+                tracing::warn!(error = %e, "journal stores not reconciled; writes refused until they are");
+                fail_all(group, e);
                 continue;
             }
-            let store = self.db.clone();
-            let committed = tokio::task::spawn_blocking(move || match store.get() {
-                Ok(db) => commit(&db, group),
-                Err(e) => Err((group, e)),
-            })
-            .await;
-            let (group, outcomes) = match committed {
-                Ok(Ok(x)) => x,
-                Ok(Err((group, e))) => {
-                    // Nothing of the group was acknowledged. The database is reopened
-                    // before the next commit (which repairs it).
-                    tracing::error!(error = %e, "journal commit failed");
-                    self.db.invalidate();
-                    // It may have held (a sync that failed after the data landed): redb
-                    // ahead of the mirror until reconciled.
-                    self.mark_group(&group);
-                    fail_all(group, e);
-                    continue;
-                }
-                Err(join) => {
-                    tracing::error!(error = %join, "journal commit task panicked");
-                    continue;
-                }
-            };
-            let mirrored = self.mirror_group(&group, &outcomes, &HashSet::new()).await;
-            for run_id in mirrored.keys() {
-                self.mark_unreconciled(run_id);
+            if !group.is_empty() {
+                self.commit_group(group).await;
             }
-            self.learn(&group, &outcomes, &mirrored);
-            answer(group, outcomes, mirrored);
         }
     }
 
-    /// Whether a group's appends can have their mirror publishes overlap its redb commit,
-    /// and their messages if so: every append follows on what this writer last wrote of
-    /// its run in both stores (so redb will not refuse it), with a known chain head, and
-    /// fits one message. Starts may be in the group: redb's compare-and-set decides them,
-    /// so they are mirrored after the commit, as before. Anything else (continue-as-new,
-    /// adoptions from the mirror, large events, an append that does not follow on) makes
-    /// the whole group commit to redb first, then mirror.
-    ///
-    /// Why it is safe: every request is answered only when both stores hold it, as
-    /// always. If the commit fails and a publish held, that run's mirror is one append
-    /// ahead of redb: the run is marked, its execution fails and is rebuilt from the
-    /// journal only after [`Journal::reconcile_mirror`] has adopted that message into redb.
-    fn overlap(&self, group: &[Request]) -> Option<Overlap> {
-        let streams = self.mirror.as_ref()?;
-        let chain = self.chain.try_lock().ok()?;
-        let mut messages: Vec<OverlapMessage> = Vec::new();
-        let mut size = 0;
-        for req in group {
-            let (run_id, events) = match req {
-                Request::Start { .. } => continue,
-                Request::Append {
-                    run_id,
-                    events,
-                    successor: None,
-                    mirror: true,
-                    ..
-                } => (run_id, events),
-                Request::Append { .. } => return None,
-            };
-            let (workflow_id, last) = self.known.get(run_id)?;
-            if events.first()?.id != last + 1
-                || events.windows(2).any(|w| w[1].id != w[0].id + 1)
-                || messages.iter().any(|m| &m.run_id == run_id)
-            {
-                return None;
-            }
-            let head = *chain.get(run_id)?;
-            let (headers, bytes) =
-                mirror_message(streams, workflow_id, run_id, events, Some(head)).ok()??;
-            size += bytes.len();
-            messages.push(OverlapMessage {
-                run_id: run_id.clone(),
-                headers,
-                bytes,
-                closes: events.last().is_some_and(|e| e.kind.is_close()),
-            });
-        }
-        if messages.is_empty() || messages.len() > MAX_BATCH_MESSAGES || size > MAX_BATCH_BYTES {
-            return None;
-        }
-        Some(Overlap {
-            streams: streams.clone(),
-            messages,
-        })
+    fn set_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
     }
 
-    /// Commits a group to redb while the mirror messages of its appends are published (see
-    /// [`Writer::overlap`]); then mirrors its starts, and answers each request once both
-    /// stores hold it.
-    async fn commit_overlapped(&mut self, group: Vec<Request>, overlap: Overlap) {
-        let Overlap { streams, messages } = overlap;
-        let runs: Vec<(String, bool)> = messages
-            .iter()
-            .map(|m| (m.run_id.clone(), m.closes))
-            .collect();
-        let mut chain = self.chain.lock().await;
+    /// Commits a group to redb in one transaction and mirrors what it wrote as one message
+    /// published while redb syncs (see [`commit`]), then answers each request: written
+    /// requests only once both stores hold them.
+    async fn commit_group(&mut self, group: Vec<Request>) {
         let store = self.db.clone();
+        let number = self.next_group;
+        let framing = self.mirror.as_ref().map(|m| Framing {
+            writer: self.id.clone(),
+            limit: m.streams.js_max_payload(),
+        });
+        let (early_tx, early_rx) = oneshot::channel::<Vec<u8>>();
         let committing = tokio::task::spawn_blocking(move || match store.get() {
-            Ok(db) => commit(&db, group),
+            Ok(db) => commit(&db, group, number, framing.as_ref(), early_tx),
             Err(e) => Err((group, e)),
         });
-        let (committed, published) =
-            tokio::join!(committing, publish_overlapped(&streams, messages));
-        // Runs whose mirror append is settled here (stored, or refused on its own); the
-        // rest (a refused batch) go again one message each once redb has committed.
-        let mut settled: HashSet<String> = HashSet::new();
-        let mut failed = HashMap::new();
-        if let Some(results) = published {
-            for ((run_id, closes), r) in runs.iter().zip(results) {
-                if let Some(e) = advance_chain(&mut chain, run_id, *closes, r) {
-                    failed.insert(run_id.clone(), e);
-                }
-                settled.insert(run_id.clone());
-            }
-        }
-        drop(chain);
-        match committed {
-            Ok(Ok((group, outcomes))) => {
-                for (req, outcome) in group.iter().zip(&outcomes) {
-                    if let Request::Append { run_id, .. } = req
-                        && settled.contains(run_id)
-                        && !failed.contains_key(run_id)
-                        && !matches!(outcome, Outcome::Written(_))
-                    {
-                        // `overlap` predicted the commit; a refusal here is a bug, and the
-                        // mirror now holds events redb refused.
-                        tracing::error!(%run_id, "redb refused an append the mirror stored");
-                        self.chain.lock().await.remove(run_id);
-                        self.mark_unreconciled(run_id);
-                    }
-                }
-                // The starts (and any append whose batch was refused), now that redb has
-                // decided them.
-                failed.extend(self.mirror_group(&group, &outcomes, &settled).await);
-                for run_id in failed.keys() {
-                    self.mark_unreconciled(run_id);
-                }
-                self.learn(&group, &outcomes, &failed);
-                answer(group, outcomes, failed);
-            }
+        let publishing = async {
+            let bytes = early_rx.await.ok()?;
+            let m = self.mirror.as_ref()?;
+            Some(publish_part(&m.streams, &m.subject, bytes, m.head).await)
+        };
+        let (committed, early) = tokio::join!(committing, publishing);
+        let (group, outcomes, mirrored) = match committed {
+            Ok(Ok(x)) => x,
             Ok(Err((group, e))) => {
-                tracing::error!(error = %e, runs = runs.len(), "journal commit failed (mirror publishes overlapped)");
-                // A publish that held left its run's mirror ahead; one that failed may
-                // have held too (a lost ack); the commit may have held (a sync that
-                // failed after the data landed): reconcile every run of the group.
-                for (run_id, _) in &runs {
-                    self.known.remove(run_id);
-                }
-                self.mark_group(&group);
+                // Nothing of the group was acknowledged. The database is reopened before
+                // the next commit (which repairs it). The commit may have held (a sync
+                // that failed after the data landed) and its message may be in the
+                // mirror: the stores are compared before the next write.
+                tracing::error!(error = %e, "journal commit failed");
                 self.db.invalidate();
+                self.set_dirty();
                 fail_all(group, e);
+                return;
             }
             Err(join) => {
                 tracing::error!(error = %join, "journal commit task panicked");
-                for (run_id, _) in &runs {
-                    self.mark_unreconciled(run_id);
-                    self.known.remove(run_id);
-                }
+                self.db.invalidate();
+                self.set_dirty();
+                return;
             }
-        }
-    }
-
-    /// Marks every run a group wrote or tried to write as unreconciled.
-    fn mark_group(&self, group: &[Request]) {
-        for req in group {
-            match req {
-                Request::Start { record, .. } => self.mark_unreconciled(&record.run_id),
-                Request::Append {
-                    run_id, successor, ..
-                } => {
-                    self.mark_unreconciled(run_id);
-                    if let Some(next) = successor {
-                        self.mark_unreconciled(&next.0.run_id);
-                    }
-                }
-            }
-        }
-    }
-
-    fn mark_unreconciled(&self, run_id: &str) {
-        self.unreconciled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(run_id.to_string());
-    }
-
-    /// Remembers what the group wrote to both stores, for [`Writer::overlap`].
-    fn learn(&mut self, group: &[Request], outcomes: &[Outcome], failed: &HashMap<String, Error>) {
-        if self.mirror.is_none() {
-            return;
-        }
-        for (req, outcome) in group.iter().zip(outcomes) {
-            let mut written: Vec<(&String, &[Event])> = Vec::with_capacity(2);
-            let workflow_id = match outcome {
-                Outcome::Written(w) => Some(w),
-                _ => None,
-            };
-            match req {
-                Request::Start { record, events, .. } => written.push((&record.run_id, events)),
-                Request::Append {
-                    run_id,
-                    events,
-                    successor,
-                    mirror,
-                    ..
-                } => {
-                    if !mirror {
-                        self.known.remove(run_id);
-                        continue;
-                    }
-                    written.push((run_id, events));
-                    if let Some(next) = successor {
-                        written.push((&next.0.run_id, &next.1));
-                    }
-                }
-            }
-            for (run_id, events) in written {
-                let last = events.last();
-                match (workflow_id, last) {
-                    (Some(w), Some(e)) if !e.kind.is_close() && !failed.contains_key(run_id) => {
-                        self.known.insert(run_id.clone(), (w.clone(), e.id));
-                    }
-                    _ => {
-                        self.known.remove(run_id);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Publishes the committed part of a group to JetStream, one message per run, and
-    /// waits for every ack. Returns the runs whose mirror append failed, with the error:
-    /// only their requests are answered with it.
-    async fn mirror_group(
-        &self,
-        group: &[Request],
-        outcomes: &[Outcome],
-        done: &HashSet<String>,
-    ) -> HashMap<String, Error> {
-        let mut failed = HashMap::new();
-        let Some(streams) = &self.mirror else {
-            return failed;
         };
-        // run_id -> (workflow_id, events), in group order.
-        let mut per_run: Vec<(String, String, Vec<Event>)> = Vec::new();
-        for (req, outcome) in group.iter().zip(outcomes) {
-            let Outcome::Written(workflow_id) = outcome else {
-                continue;
+        // The appends first: answered as soon as both stores hold them.
+        let mut stored = Ok(());
+        if mirrored.early {
+            stored = match early {
+                Some(stored) => stored.map(|seq| self.advance(seq)),
+                None => Err(Error::Mirror(
+                    "the group's message was not published".into(),
+                )),
             };
-            let mut parts: Vec<(&String, &[Event])> = Vec::with_capacity(2);
-            match req {
-                Request::Start { record, events, .. } => {
-                    parts.push((&record.run_id, events.as_slice()))
-                }
-                Request::Append { mirror: false, .. } => continue,
-                Request::Append {
-                    run_id,
-                    events,
-                    successor,
-                    ..
-                } => {
-                    parts.push((run_id, events.as_slice()));
-                    if let Some(next) = successor {
-                        parts.push((&next.0.run_id, next.1.as_slice()));
-                    }
-                }
-            };
-            for (run_id, events) in parts {
-                if done.contains(run_id) {
-                    continue;
-                }
-                match per_run.iter_mut().find(|(r, _, _)| r == run_id) {
-                    Some((_, _, evs)) => evs.extend_from_slice(events),
-                    None => per_run.push((run_id.clone(), workflow_id.clone(), events.to_vec())),
-                }
+        }
+        if stored.is_ok() && !mirrored.appends.is_empty() {
+            stored = self.publish_parts(mirrored.appends).await;
+        }
+        self.next_group += mirrored.groups;
+        let (starts, appends): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .zip(outcomes)
+            .partition(|(req, _)| matches!(req, Request::Start { .. }));
+        // Marked before anyone is answered: a run is rebuilt from redb only once the stores
+        // agree.
+        if let Err(e) = &stored {
+            tracing::error!(error = %e, group = number, "journal mirror publish failed");
+            self.set_dirty();
+        }
+        answer(appends, stored.as_ref().err().cloned());
+        // Then the starts, now that redb has decided them.
+        if stored.is_ok() && !mirrored.starts.is_empty() {
+            stored = self.publish_parts(mirrored.starts).await;
+            if let Err(e) = &stored {
+                tracing::error!(error = %e, group = number, "journal mirror publish failed");
+                self.set_dirty();
             }
         }
-        let mut chain = self.chain.lock().await;
-        // A large group's messages in one atomic batch, which the server stores at a fixed
-        // cost; a run the batch did not store (a large one, or a batch refused) goes one
-        // message per run below, as do the runs of a small group.
-        let batched = if streams.history_takes_batches() && per_run.len() >= BATCH_MIN_MESSAGES {
-            publish_mirror_batches(streams, &per_run, &chain).await
-        } else {
-            Vec::new()
+        answer(starts, stored.err());
+    }
+
+    fn advance(&mut self, seq: u64) {
+        if let Some(m) = &mut self.mirror {
+            m.head = seq;
+        }
+    }
+
+    /// Publishes mirror messages in order, each chained to the one before.
+    async fn publish_parts(&mut self, parts: Vec<Vec<u8>>) -> Result<(), Error> {
+        let Some(m) = &mut self.mirror else {
+            return Ok(());
         };
-        let mut acks = Vec::with_capacity(per_run.len());
-        for (i, (run_id, workflow_id, events)) in per_run.iter().enumerate() {
-            let closes = events.last().is_some_and(|e| e.kind.is_close());
-            if let Some(seq) = batched.get(i).copied().flatten() {
-                advance_chain(&mut chain, run_id, closes, Ok(seq));
-                continue;
+        for bytes in parts {
+            m.head = publish_part(&m.streams, &m.subject, bytes, m.head).await?;
+        }
+        Ok(())
+    }
+
+    /// Compares the last group commit in redb with the mirror's last message and makes
+    /// them agree (see [`Journal::reconcile_mirror`]); learns the chain head.
+    async fn reconcile(&mut self) -> Result<(), Error> {
+        let Some(m) = &self.mirror else {
+            self.dirty.store(false, Ordering::Release);
+            return Ok(());
+        };
+        let (_, last) = self.db.meta()?;
+        let (head, mirrored) = match m
+            .streams
+            .history
+            .get_last_raw_message_by_subject(&m.subject)
+            .await
+        {
+            Ok(msg) => {
+                let group: MirrorGroup = codec::decode(&msg.payload).map_err(|e| {
+                    Error::Corrupt(format!(
+                        "the journal mirror's last message (sequence {} on {}) is not a group \
+                         commit of this journal: {e}; another writer wrote to it?",
+                        msg.sequence, m.subject
+                    ))
+                })?;
+                (msg.sequence, Some(group))
             }
-            let expected = expected_head(&chain, run_id, events);
-            let stored = match publish_mirror(streams, workflow_id, run_id, events, expected).await
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
             {
-                // The common case: one message per run, acks awaited together below.
-                Ok(Some(ack)) => {
-                    acks.push((run_id, closes, ack));
+                (0, None)
+            }
+            Err(e) => return Err(Error::Mirror(e.to_string())),
+        };
+        let (g_m, part, parts) = mirrored
+            .as_ref()
+            .map_or((0, 1, 1), |g| (g.group, g.part, g.parts));
+        let g_r = last.last();
+        self.advance(head);
+        if mirrored.as_ref().is_some_and(|g| g.writer != self.id) {
+            return Err(Error::Corrupt(format!(
+                "the journal mirror {} holds a message of writer {}",
+                self.mirror_subject(),
+                mirrored.map(|g| g.writer).unwrap_or_default()
+            )));
+        }
+        let first_r = last.groups.first().map_or(0, |g| g.group);
+        if g_m == g_r && part == parts {
+            // They agree.
+        } else if g_m < g_r && (part == parts || g_m >= first_r) {
+            // redb ahead: the publish of its last transaction's groups failed, from the
+            // mirror's last message on (or the mirror lost groups).
+            if part == parts && g_m + 1 < first_r {
+                tracing::error!(
+                    redb = g_r,
+                    mirror = g_m,
+                    "the journal mirror lacks group commits; publishing the last transaction's again (the earlier ones are in redb only)"
+                );
+            } else {
+                tracing::warn!(
+                    mirror = g_m,
+                    redb = g_r,
+                    "publishing the journal's last group commits again"
+                );
+            }
+            let mut messages = Vec::new();
+            for group in &last.groups {
+                if group.group < g_m || (group.group == g_m && part == parts) {
                     continue;
                 }
-                // Over the server's message limit (large payloads): several messages, chained.
-                Ok(None) => {
-                    publish_mirror_chain(streams, workflow_id, run_id, events, expected).await
-                }
-                Err(e) => Err(e),
-            };
-            if let Some(e) = advance_chain(&mut chain, run_id, closes, stored) {
-                failed.insert(run_id.clone(), e);
+                let made = self.group_parts(group)?;
+                let from = if group.group == g_m { part as usize } else { 0 };
+                messages.extend(made.into_iter().skip(from));
             }
+            self.publish_parts(messages).await?;
+        } else if g_m == g_r && part < parts {
+            tracing::warn!(
+                group = g_r,
+                from = part + 1,
+                parts,
+                "publishing the rest of the journal's last group commit"
+            );
+            let last_group = last.groups.last().expect("a group");
+            let messages = self
+                .group_parts(last_group)?
+                .into_iter()
+                .skip(part as usize);
+            self.publish_parts(messages.collect()).await?;
+        } else if g_m == g_r + 1 && parts == 1 {
+            // The mirror ahead: the group's publish held, its commit did not.
+            let group = mirrored.expect("a mirrored group");
+            tracing::warn!(
+                group = g_m,
+                runs = group.runs.len(),
+                "adopting the mirror's last group commit into redb"
+            );
+            let store = self.db.clone();
+            tokio::task::spawn_blocking(move || {
+                let db = store.get()?;
+                adopt(&db, &group).inspect_err(|_| store.invalidate())
+            })
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))??;
+        } else {
+            return Err(Error::Corrupt(format!(
+                "the journal mirror {} is at group {g_m} (part {part} of {parts}) and redb at \
+                 group {g_r}: they cannot be reconciled (another writer with this journal's ID?)",
+                self.mirror_subject()
+            )));
         }
-        for (run_id, closes, ack) in acks {
-            let stored = mirror_acked(run_id, ack).await;
-            if let Some(e) = advance_chain(&mut chain, run_id, closes, stored) {
-                failed.insert(run_id.clone(), e);
-            }
+        self.next_group = g_r.max(g_m) + 1;
+        self.dirty.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn mirror_subject(&self) -> &str {
+        self.mirror.as_ref().map_or("", |m| m.subject.as_str())
+    }
+
+    /// The mirror messages of redb's last group commit, made again from redb.
+    fn group_parts(&self, last: &LastGroup) -> Result<Vec<Vec<u8>>, Error> {
+        let m = self.mirror.as_ref().expect("a mirror");
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
+        let runs = txn.open_table(RUNS).map_err(storage)?;
+        let events_t = txn.open_table(EVENTS).map_err(storage)?;
+        let mut entries = Vec::with_capacity(last.runs.len());
+        for (run_id, first) in &last.runs {
+            let record = read_run(&runs, run_id)?.ok_or_else(|| {
+                Error::Corrupt(format!("the last group commit names missing run {run_id}"))
+            })?;
+            let events = read_events(&events_t, run_id, *first)?;
+            entries.push(RunEntry {
+                record: Cow::Owned(record),
+                events: Cow::Owned(events),
+            });
         }
-        failed
+        let framing = Framing {
+            writer: self.id.clone(),
+            limit: m.streams.js_max_payload(),
+        };
+        encode_parts(&framing, last.group, &entries)
     }
 }
 
-/// Room left in a mirror message for its envelope (IDs, framing).
+/// What a mirror message is framed with: the writer's ID and the server's message limit.
+struct Framing {
+    writer: String,
+    limit: usize,
+}
+
+/// Room left in a mirror message for its envelope (writer ID, numbers, framing, headers).
 const MIRROR_ENVELOPE: usize = 1024;
 
-/// Most messages in one atomic mirror batch (the server takes up to 1,000).
-const MAX_BATCH_MESSAGES: usize = 500;
-/// Fewest messages sent as an atomic batch. nats-server stages a batch before it stores
-/// it: 2.4-3.2 ms whatever its size (1 to 32 messages of 300 bytes, with `sync_interval:
-/// always`, on the 2-core machine of BENCHMARKS.md: `baton-mirrorcost`), where a plain
-/// message, fsync'd, costs about 0.35 ms alone and about 0.2 ms more for each one
-/// pipelined after it. Below this, one message per run, pipelined, is cheaper.
-const BATCH_MIN_MESSAGES: usize = 12;
-/// Most bytes in one atomic mirror batch (the server holds a batch in memory until its
-/// commit).
-const MAX_BATCH_BYTES: usize = 8 << 20;
-
-/// The sequence a run's next mirror message must follow: 0 for a run's first events, the
-/// last one mirrored otherwise (unknown: no check).
-fn expected_head(chain: &HashMap<String, u64>, run_id: &str, events: &[Event]) -> Option<u64> {
-    if events.first().is_some_and(|e| e.id == 1) {
-        Some(0)
-    } else {
-        chain.get(run_id).copied()
+/// A group's mirror messages: one if it fits the server's message limit, else as many
+/// parts as it needs (runs packed in order, a run too large for one split between its
+/// events). The same entries always give the same parts.
+fn encode_parts(
+    framing: &Framing,
+    group: u64,
+    entries: &[RunEntry<'_>],
+) -> Result<Vec<Vec<u8>>, Error> {
+    let mirror = |e: baton_transport::Error| Error::Mirror(e.to_string());
+    let message = |part: u32, parts: u32, runs: &[RunEntry<'_>]| {
+        codec::encode(&GroupMessage {
+            writer: &framing.writer,
+            group,
+            part,
+            parts,
+            runs,
+        })
+        .map_err(mirror)
+    };
+    let whole = message(1, 1, entries)?;
+    let room = framing.limit.saturating_sub(MIRROR_ENVELOPE);
+    if whole.len() <= room {
+        return Ok(vec![whole]);
     }
-}
-
-/// A run's mirror message, ready for an atomic batch: (index of the run, subject,
-/// headers, body).
-type BatchMessage = (usize, String, HeaderMap, Vec<u8>);
-
-/// Publishes the overlapped appends' messages: one atomic batch if there are enough of
-/// them, else one message each, pipelined. Returns each one's stored sequence or error;
-/// `None` if the batch was not stored (the caller mirrors those runs again after the
-/// commit, one message each: a batch is refused whole for one stale run).
-async fn publish_overlapped(
-    streams: &Streams,
-    messages: Vec<OverlapMessage>,
-) -> Option<Vec<Result<u64, Error>>> {
-    let n = messages.len();
-    if n >= BATCH_MIN_MESSAGES && streams.history_takes_batches() {
-        let batch = messages
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| (i, subject::history(&m.run_id), m.headers, m.bytes))
-            .collect();
-        return match publish_atomic(streams, batch).await {
-            Ok(last) => {
-                let first = last + 1 - n as u64;
-                Some((0..n as u64).map(|k| Ok(first + k)).collect())
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, messages = n, "overlapped mirror batch not stored; its runs go one message each after the commit");
-                None
-            }
-        };
-    }
-    let mut sent = Vec::with_capacity(n);
-    for m in messages {
-        let ack = send_mirror(streams, &m.run_id, m.headers, m.bytes).await;
-        sent.push((m.run_id, ack));
-    }
-    let mut out = Vec::with_capacity(n);
-    for (run_id, ack) in sent {
-        out.push(match ack {
-            Ok(ack) => mirror_acked(&run_id, ack).await,
-            Err(e) => Err(e),
-        });
-    }
-    Some(out)
-}
-
-/// Publishes one message per run (`per_run`: run ID, workflow ID, events) in atomic batches
-/// (ADR-50): all of a batch is stored, or none of it. Each message keeps its own
-/// `Nats-Msg-Id` and `Nats-Expected-Last-Subject-Sequence`, so a stale writer's append is
-/// still refused, with its whole batch. Returns, for each run, the sequence of its stored
-/// message; `None` for a run whose events do not fit one message or whose batch was not
-/// stored (the caller sends those one at a time, where each run's outcome is its own).
-async fn publish_mirror_batches(
-    streams: &Streams,
-    per_run: &[(String, String, Vec<Event>)],
-    chain: &HashMap<String, u64>,
-) -> Vec<Option<u64>> {
-    let mut stored = vec![None; per_run.len()];
-    let mut batch: Vec<BatchMessage> = Vec::new();
-    let mut size = 0;
-    for (i, (run_id, workflow_id, events)) in per_run.iter().enumerate() {
-        let expected = expected_head(chain, run_id, events);
-        let Ok(Some((headers, bytes))) =
-            mirror_message(streams, workflow_id, run_id, events, expected)
-        else {
+    // Pieces that fit one message each: whole runs, or a large run's events split.
+    let mut pieces: Vec<(RunEntry<'_>, usize)> = Vec::new();
+    for entry in entries {
+        let n = codec::encode(entry).map_err(mirror)?.len();
+        if n <= room {
+            pieces.push((entry.clone(), n));
             continue;
-        };
-        if !batch.is_empty()
-            && (batch.len() == MAX_BATCH_MESSAGES || size + bytes.len() > MAX_BATCH_BYTES)
-        {
-            store_batch(streams, std::mem::take(&mut batch), &mut stored).await;
+        }
+        let record_len = codec::encode(&entry.record).map_err(mirror)?.len() + 16;
+        let mut start = 0;
+        while start < entry.events.len() {
+            let mut end = start;
+            let mut n = record_len;
+            while end < entry.events.len() {
+                let e = codec::encode(&entry.events[end]).map_err(mirror)?.len();
+                if end > start && n + e > room {
+                    break;
+                }
+                n += e;
+                end += 1;
+            }
+            if n > room {
+                return Err(Error::Mirror(format!(
+                    "run {}: event {} is over the server's message limit of {}",
+                    entry.record.run_id, entry.events[start].id, framing.limit
+                )));
+            }
+            let piece = RunEntry {
+                record: Cow::Borrowed(entry.record.as_ref()),
+                events: Cow::Borrowed(&entry.events[start..end]),
+            };
+            pieces.push((piece, n));
+            start = end;
+        }
+    }
+    // Packed in order, as many to a message as fit.
+    let mut chunks: Vec<Vec<RunEntry<'_>>> = vec![Vec::new()];
+    let mut size = 0;
+    for (piece, n) in pieces {
+        let current = chunks.last_mut().expect("a chunk");
+        if !current.is_empty() && size + n > room {
+            chunks.push(Vec::new());
             size = 0;
         }
-        size += bytes.len();
-        batch.push((i, subject::history(run_id), headers, bytes));
+        size += n;
+        chunks.last_mut().expect("a chunk").push(piece);
     }
-    store_batch(streams, batch, &mut stored).await;
-    stored
+    let parts = chunks.len() as u32;
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(k, runs)| message(k as u32 + 1, parts, runs))
+        .collect()
 }
 
-/// Publishes one atomic batch and records where each message was stored: a batch takes
-/// consecutive sequences, ending at the one its commit is acknowledged with.
-async fn store_batch(streams: &Streams, batch: Vec<BatchMessage>, stored: &mut [Option<u64>]) {
-    if batch.is_empty() {
-        return;
-    }
-    let runs: Vec<usize> = batch.iter().map(|m| m.0).collect();
-    match publish_atomic(streams, batch).await {
-        Ok(last) => {
-            let first = last + 1 - runs.len() as u64;
-            for (k, i) in runs.into_iter().enumerate() {
-                stored[i] = Some(first + k as u64);
-            }
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, messages = runs.len(), "mirror batch not stored; its runs go one message each");
-        }
-    }
-}
-
-/// Sends a batch's messages in order (the last one commits it) and returns the sequence
-/// of the last.
-async fn publish_atomic(streams: &Streams, batch: Vec<BatchMessage>) -> Result<u64, Error> {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let n = batch.len();
-    let client = streams.js.client();
-    let mirror = |e: baton_transport::Error| Error::Mirror(e.to_string());
-    for (k, (_, subject, mut headers, bytes)) in batch.into_iter().enumerate() {
-        headers.insert(async_nats::header::NATS_BATCH_ID, id.as_str());
-        headers.insert(
-            async_nats::header::NATS_BATCH_SEQUENCE,
-            (k + 1).to_string().as_str(),
-        );
-        if k + 1 < n {
-            let publish = client.publish_with_headers(subject, headers, bytes.into());
-            baton_transport::faults::call("mirror publish", publish)
-                .await
-                .map_err(mirror)?;
-            continue;
-        }
-        headers.insert(
-            async_nats::header::NATS_BATCH_COMMIT,
-            async_nats::header::NATS_BATCH_COMMIT_FINAL,
-        );
-        let publish = streams
-            .js
-            .publish_with_headers(subject, headers, bytes.into());
-        let ack = baton_transport::faults::call("mirror publish", publish)
-            .await
-            .map_err(mirror)?;
-        let ack = baton_transport::faults::call("mirror ack", ack)
-            .await
-            .map_err(mirror)?;
-        if ack.batch_size != Some(n as u64) {
-            return Err(Error::Mirror(format!(
-                "a batch of {n} messages was acknowledged with count {:?}",
-                ack.batch_size
-            )));
-        }
-        return Ok(ack.sequence);
-    }
-    Err(Error::Mirror("an empty batch".into()))
-}
-
-/// Publishes a run's events as as many mirror messages as the server's limit needs (an
-/// event each at worst), each chained to the one before; returns the last one's sequence.
-async fn publish_mirror_chain(
+/// Publishes one mirror message, chained to the writer's last (`expected`: its sequence,
+/// 0 for none), and returns the sequence it was stored at. A stale writer's message, or
+/// one sent twice, is refused by the chain check.
+async fn publish_part(
     streams: &Streams,
-    workflow_id: &str,
-    run_id: &str,
-    events: &[Event],
-    expected_last_subject_seq: Option<u64>,
-) -> Result<u64, Error> {
-    let limit = streams.js_max_payload();
-    let mut expected = expected_last_subject_seq;
-    let mut start = 0;
-    let mut last = 0;
-    while start < events.len() {
-        let mut end = start;
-        let mut size = MIRROR_ENVELOPE;
-        while end < events.len() {
-            let n = codec::encode(&events[end])
-                .map_err(|e| Error::Mirror(e.to_string()))?
-                .len();
-            if end > start && size + n > limit {
-                break;
-            }
-            size += n;
-            end += 1;
-        }
-        if size > limit {
-            return Err(Error::Mirror(format!(
-                "run {run_id}: event {} is {size} bytes, over the server's message limit of {limit}",
-                events[start].id
-            )));
-        }
-        let ack = publish_mirror(streams, workflow_id, run_id, &events[start..end], expected)
-            .await?
-            .ok_or_else(|| {
-                Error::Mirror(format!(
-                    "run {run_id}: events {}-{} do not fit one message",
-                    events[start].id,
-                    events[end - 1].id
-                ))
-            })?;
-        last = ack
-            .await
-            .map_err(|e| Error::Mirror(e.to_string()))?
-            .sequence;
-        expected = Some(last);
-        start = end;
-    }
-    Ok(last)
-}
-
-/// Publishes a run's events as one mirror message; `None` (nothing sent) when they do not
-/// fit the server's message limit.
-async fn publish_mirror(
-    streams: &Streams,
-    workflow_id: &str,
-    run_id: &str,
-    events: &[Event],
-    expected_last_subject_seq: Option<u64>,
-) -> Result<Option<PublishAckFuture>, Error> {
-    let Some((headers, bytes)) = mirror_message(
-        streams,
-        workflow_id,
-        run_id,
-        events,
-        expected_last_subject_seq,
-    )?
-    else {
-        return Ok(None);
-    };
-    send_mirror(streams, run_id, headers, bytes).await.map(Some)
-}
-
-/// Awaits a run's mirror message's acknowledgement: the sequence it was stored at.
-async fn mirror_acked(run_id: &str, ack: PublishAckFuture) -> Result<u64, Error> {
-    baton_transport::faults::call("mirror ack", ack)
-        .await
-        .map(|a| a.sequence)
-        .map_err(|e| Error::Mirror(format!("run {run_id}: {e}")))
-}
-
-/// Moves a run's chain head after a mirror append: to the message stored, or off the
-/// chain when the append closed the run or failed. Returns the failure.
-fn advance_chain(
-    chain: &mut HashMap<String, u64>,
-    run_id: &str,
-    closes: bool,
-    stored: Result<u64, Error>,
-) -> Option<Error> {
-    match stored {
-        Ok(seq) if !closes => {
-            chain.insert(run_id.to_string(), seq);
-            None
-        }
-        Ok(_) => {
-            chain.remove(run_id);
-            None
-        }
-        Err(e) => {
-            chain.remove(run_id);
-            Some(e)
-        }
-    }
-}
-
-/// Publishes one mirror message of a run; the ack is awaited by the caller.
-async fn send_mirror(
-    streams: &Streams,
-    run_id: &str,
-    headers: HeaderMap,
+    subject: &str,
     bytes: Vec<u8>,
-) -> Result<PublishAckFuture, Error> {
+    expected: u64,
+) -> Result<u64, Error> {
+    let mirror = |e: baton_transport::Error| Error::Mirror(e.to_string());
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        expected.to_string().as_str(),
+    );
     let publish = streams
         .js
-        .publish_with_headers(subject::history(run_id), headers, bytes.into());
-    baton_transport::faults::call("mirror publish", publish)
+        .publish_with_headers(subject.to_string(), headers, bytes.into());
+    let ack = baton_transport::faults::call("mirror publish", publish)
         .await
-        .map_err(|e| Error::Mirror(e.to_string()))
-}
-
-/// A run's events as one mirror message (headers and body); `None` when they do not fit
-/// the server's message limit.
-fn mirror_message(
-    streams: &Streams,
-    workflow_id: &str,
-    run_id: &str,
-    events: &[Event],
-    expected_last_subject_seq: Option<u64>,
-) -> Result<Option<(HeaderMap, Vec<u8>)>, Error> {
-    let batch = MirrorBatch {
-        workflow_id: workflow_id.into(),
-        run_id: run_id.into(),
-        events: events.to_vec(),
-    };
-    let bytes = codec::encode(&batch).map_err(|e| Error::Mirror(e.to_string()))?;
-    if bytes.len() + MIRROR_ENVELOPE > streams.js_max_payload() {
-        return Ok(None);
-    }
-    let mut headers = HeaderMap::new();
-    let (first, last) = (events[0].id, events[events.len() - 1].id);
-    headers.insert(
-        async_nats::header::NATS_MESSAGE_ID,
-        format!("{run_id}:{first}-{last}").as_str(),
-    );
-    if let Some(seq) = expected_last_subject_seq {
-        headers.insert(
-            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-            seq.to_string().as_str(),
-        );
-    }
-    Ok(Some((headers, bytes)))
+        .map_err(mirror)?;
+    let ack = baton_transport::faults::call("mirror ack", ack)
+        .await
+        .map_err(mirror)?;
+    Ok(ack.sequence)
 }
 
 fn read_run(
@@ -1320,26 +1090,94 @@ fn read_run(
     }
 }
 
+/// A run's events from `from` on.
+fn read_events(
+    events: &impl ReadableTable<(&'static str, u32), &'static [u8]>,
+    run_id: &str,
+    from: u32,
+) -> Result<Vec<Event>, Error> {
+    let mut out = Vec::new();
+    for item in events
+        .range((run_id, from)..=(run_id, u32::MAX))
+        .map_err(storage)?
+    {
+        let (_, v) = item.map_err(storage)?;
+        out.push(codec::decode::<Event>(v.value()).map_err(|e| Error::Corrupt(e.to_string()))?);
+    }
+    Ok(out)
+}
+
 /// What a committed group did with each request.
 enum Outcome {
-    /// Written; the run belongs to this workflow ID.
-    Written(String),
+    /// Written.
+    Written,
     /// A start whose workflow ID already has a run it may not replace; nothing written.
     Existing(StartOutcome),
     /// Refused (the rest of the group still commits).
     Refused(Error),
 }
 
-type Committed = (Vec<Request>, Vec<Outcome>);
+type Committed = (Vec<Request>, Vec<Outcome>, Mirrored);
 
-/// Commits a group in one transaction.
-fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>, Error)> {
-    let run = || -> Result<Vec<Outcome>, Error> {
+/// Adds what a request wrote of a run to the group's mirror entries.
+fn add_entry<'g>(entries: &mut Vec<RunEntry<'g>>, record: RunRecord, events: &'g [Event]) {
+    match entries
+        .iter_mut()
+        .find(|e| e.record.run_id == record.run_id)
+    {
+        Some(entry) => {
+            entry.record = Cow::Owned(record);
+            entry.events.to_mut().extend_from_slice(events);
+        }
+        None => entries.push(RunEntry {
+            record: Cow::Owned(record),
+            events: Cow::Borrowed(events),
+        }),
+    }
+}
+
+/// Whether a run's record and events, encoded, fit the mirror: each event must fit one
+/// message with the record (a group too large for one message is split between events).
+fn fits_mirror(framing: Option<&Framing>, record: &[u8], events: &[Vec<u8>]) -> Result<(), Error> {
+    let Some(framing) = framing else {
+        return Ok(());
+    };
+    let room = framing
+        .limit
+        .saturating_sub(MIRROR_ENVELOPE + 16 + record.len());
+    match events.iter().position(|e| e.len() > room) {
+        None => Ok(()),
+        Some(i) => Err(Error::Invalid(format!(
+            "an event of {} bytes is over the journal mirror's message limit of {} bytes \
+             (event {} of the append)",
+            events[i].len(),
+            framing.limit,
+            i + 1
+        ))),
+    }
+}
+
+/// Commits a group in one transaction. With a mirror (`framing`), what the group wrote is
+/// encoded as two mirror groups, numbered from `number` in redb (see [`LastCommit`]): its
+/// appends, handed over `early` before the transaction commits so that the publish runs
+/// while redb syncs (returned to be published after if too large for one message), and
+/// its starts, returned to be published once redb has decided them.
+fn commit(
+    db: &Database,
+    group: Vec<Request>,
+    number: u64,
+    framing: Option<&Framing>,
+    early: oneshot::Sender<Vec<u8>>,
+) -> Result<Committed, (Vec<Request>, Error)> {
+    let run = || -> Result<(Vec<Outcome>, Mirrored), Error> {
         // Without redb's quick-repair: it would spare the walk of the file when opening
         // after a crash (0.4 s for 100k runs) at the price of a second fsync in every
         // commit (+0.3 ms; measured in BENCHMARKS.md).
         let txn = db.begin_write().map_err(storage)?;
         let mut outcomes = Vec::with_capacity(group.len());
+        // What the group wrote, in two mirror groups: its appends, then its starts.
+        let mut appended: Vec<RunEntry<'_>> = Vec::new();
+        let mut started: Vec<RunEntry<'_>> = Vec::new();
         {
             let mut runs = txn.open_table(RUNS).map_err(storage)?;
             let mut ids = txn.open_table(IDS).map_err(storage)?;
@@ -1347,6 +1185,11 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
             let mut open = txn.open_table(OPEN).map_err(storage)?;
             for req in &group {
                 match req {
+                    Request::Reconcile { .. } => {
+                        outcomes.push(Outcome::Refused(Error::Invalid(
+                            "a reconciliation in a commit group".into(),
+                        )));
+                    }
                     Request::Start {
                         record,
                         events,
@@ -1387,15 +1230,14 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
                             ))));
                             continue;
                         }
-                        insert_run(
-                            &mut runs,
-                            &mut ids,
-                            &mut events_t,
-                            &mut open,
-                            record,
-                            events,
-                        )?;
-                        outcomes.push(Outcome::Written(record.workflow_id.clone()));
+                        let encoded = NewRun::encode(record, events)?;
+                        if let Err(e) = fits_mirror(framing, &encoded.record, &encoded.events) {
+                            outcomes.push(Outcome::Refused(e));
+                            continue;
+                        }
+                        encoded.insert(&mut runs, &mut ids, &mut events_t, &mut open)?;
+                        add_entry(&mut started, (**record).clone(), events);
+                        outcomes.push(Outcome::Written);
                     }
                     Request::Append {
                         run_id,
@@ -1441,72 +1283,201 @@ fn commit(db: &Database, group: Vec<Request>) -> Result<Committed, (Vec<Request>
                             ))));
                             continue;
                         }
+                        let mut encoded = Vec::with_capacity(events.len());
                         for e in events {
-                            let ev = codec::encode(e).map_err(storage)?;
-                            events_t
-                                .insert((run_id.as_str(), e.id), ev.as_slice())
-                                .map_err(storage)?;
+                            encoded.push(codec::encode(e).map_err(storage)?);
                             if let Some(status) = RunStatus::of_close(&e.kind) {
                                 record.status = status;
                                 record.closed_ms = Some(e.at_ms);
                             }
                             record.last_event_id = e.id;
                         }
+                        let bytes = codec::encode(&record).map_err(storage)?;
+                        let next = match successor {
+                            Some(next) => Some(NewRun::encode(&next.0, &next.1)?),
+                            None => None,
+                        };
+                        let fits =
+                            fits_mirror(framing, &bytes, &encoded).and_then(|()| match &next {
+                                Some(n) => fits_mirror(framing, &n.record, &n.events),
+                                None => Ok(()),
+                            });
+                        if let Err(e) = fits {
+                            outcomes.push(Outcome::Refused(e));
+                            continue;
+                        }
+                        for (e, ev) in events.iter().zip(&encoded) {
+                            events_t
+                                .insert((run_id.as_str(), e.id), ev.as_slice())
+                                .map_err(storage)?;
+                        }
                         if record.status != RunStatus::Running {
                             open.remove(run_id.as_str()).map_err(storage)?;
                         }
-                        let bytes = codec::encode(&record).map_err(storage)?;
                         runs.insert(run_id.as_str(), bytes.as_slice())
                             .map_err(storage)?;
-                        if let Some(next) = successor {
-                            let (next_record, next_events) = next.as_ref();
-                            insert_run(
-                                &mut runs,
-                                &mut ids,
-                                &mut events_t,
-                                &mut open,
-                                next_record,
-                                next_events,
-                            )?;
+                        add_entry(&mut appended, record, events);
+                        if let (Some(next), Some(encoded)) = (successor, next) {
+                            encoded.insert(&mut runs, &mut ids, &mut events_t, &mut open)?;
+                            add_entry(&mut appended, next.0.clone(), &next.1);
                         }
-                        outcomes.push(Outcome::Written(record.workflow_id.clone()));
+                        outcomes.push(Outcome::Written);
                     }
                 }
             }
         }
+        let mut mirrored = Mirrored::default();
+        if let Some(framing) = framing {
+            let mut numbered: Vec<(u64, &[RunEntry<'_>])> = Vec::with_capacity(2);
+            for entries in [&appended, &started] {
+                if !entries.is_empty() {
+                    numbered.push((number + numbered.len() as u64, entries));
+                }
+            }
+            if !numbered.is_empty() {
+                let last = LastCommit::of(&numbered);
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                let bytes = codec::encode(&last).map_err(storage)?;
+                meta.insert(META_GROUP, bytes.as_slice()).map_err(storage)?;
+                drop(meta);
+                mirrored.groups = numbered.len() as u64;
+                if !appended.is_empty() {
+                    let mut parts = encode_parts(framing, number, &appended)?;
+                    if parts.len() == 1 {
+                        // Published while redb syncs (the commit below).
+                        let _ = early.send(parts.pop().expect("one part"));
+                        mirrored.early = true;
+                    } else {
+                        mirrored.appends = parts;
+                    }
+                }
+                if !started.is_empty() {
+                    let (group, _) = numbered[numbered.len() - 1];
+                    mirrored.starts = encode_parts(framing, group, &started)?;
+                }
+            }
+        }
         txn.commit().map_err(storage)?;
-        Ok(outcomes)
+        Ok((outcomes, mirrored))
     };
     match run() {
-        Ok(outcomes) => Ok((group, outcomes)),
+        Ok((outcomes, mirrored)) => Ok((group, outcomes, mirrored)),
         Err(e) => Err((group, e)),
     }
 }
 
+/// Writes the mirror's message of a group commit that redb lacks (its commit failed after
+/// the publish held), as that commit would have: each run's events after its last one in
+/// redb, its record, its ID and open mark for a new run; and the group's number.
+fn adopt(db: &Database, group: &MirrorGroup) -> Result<(), Error> {
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut runs = txn.open_table(RUNS).map_err(storage)?;
+        let mut ids = txn.open_table(IDS).map_err(storage)?;
+        let mut events_t = txn.open_table(EVENTS).map_err(storage)?;
+        let mut open = txn.open_table(OPEN).map_err(storage)?;
+        for run in &group.runs {
+            let run_id = run.record.run_id.as_str();
+            let after = match read_run(&runs, run_id)? {
+                Some(r) if r.status == RunStatus::Running => r.last_event_id,
+                Some(_) => {
+                    return Err(Error::Corrupt(format!(
+                        "the mirror's group {} appends to closed run {run_id}",
+                        group.group
+                    )));
+                }
+                None => {
+                    ids.insert(run.record.workflow_id.as_str(), run_id)
+                        .map_err(storage)?;
+                    0
+                }
+            };
+            let numbered = run
+                .events
+                .iter()
+                .enumerate()
+                .all(|(k, e)| e.id == after + 1 + k as u32);
+            if !numbered || run.events.last().map(|e| e.id) != Some(run.record.last_event_id) {
+                return Err(Error::Corrupt(format!(
+                    "the mirror's group {} does not follow on redb's run {run_id} (at event {after})",
+                    group.group
+                )));
+            }
+            for e in &run.events {
+                let ev = codec::encode(e).map_err(storage)?;
+                events_t
+                    .insert((run_id, e.id), ev.as_slice())
+                    .map_err(storage)?;
+            }
+            let bytes = codec::encode(&run.record).map_err(storage)?;
+            runs.insert(run_id, bytes.as_slice()).map_err(storage)?;
+            if run.record.status == RunStatus::Running {
+                open.insert(run_id, 0).map_err(storage)?;
+            } else {
+                open.remove(run_id).map_err(storage)?;
+            }
+        }
+        let entries: Vec<RunEntry<'_>> = group
+            .runs
+            .iter()
+            .map(|r| RunEntry {
+                record: Cow::Borrowed(&r.record),
+                events: Cow::Borrowed(&r.events),
+            })
+            .collect();
+        let last = LastCommit::of(&[(group.group, &entries)]);
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let bytes = codec::encode(&last).map_err(storage)?;
+        meta.insert(META_GROUP, bytes.as_slice()).map_err(storage)?;
+    }
+    txn.commit().map_err(storage)?;
+    Ok(())
+}
+
 type Table<'t, K, V> = redb::Table<'t, K, V>;
 
-/// Writes a new run: its record, its first events, its ID, its open mark.
-fn insert_run(
-    runs: &mut Table<'_, &'static str, &'static [u8]>,
-    ids: &mut Table<'_, &'static str, &'static str>,
-    events_t: &mut Table<'_, (&'static str, u32), &'static [u8]>,
-    open: &mut Table<'_, &'static str, u8>,
-    record: &RunRecord,
-    events: &[Event],
-) -> Result<(), Error> {
-    ids.insert(record.workflow_id.as_str(), record.run_id.as_str())
-        .map_err(storage)?;
-    let bytes = codec::encode(record).map_err(storage)?;
-    runs.insert(record.run_id.as_str(), bytes.as_slice())
-        .map_err(storage)?;
-    for event in events {
-        let ev = codec::encode(event).map_err(storage)?;
-        events_t
-            .insert((record.run_id.as_str(), event.id), ev.as_slice())
-            .map_err(storage)?;
+/// A new run, encoded: its record and first events.
+struct NewRun<'a> {
+    run: &'a RunRecord,
+    record: Vec<u8>,
+    events: Vec<Vec<u8>>,
+    ids: Vec<u32>,
+}
+
+impl<'a> NewRun<'a> {
+    fn encode(record: &'a RunRecord, events: &[Event]) -> Result<NewRun<'a>, Error> {
+        Ok(NewRun {
+            run: record,
+            record: codec::encode(record).map_err(storage)?,
+            events: events
+                .iter()
+                .map(|e| codec::encode(e).map_err(storage))
+                .collect::<Result<_, _>>()?,
+            ids: events.iter().map(|e| e.id).collect(),
+        })
     }
-    open.insert(record.run_id.as_str(), 0).map_err(storage)?;
-    Ok(())
+
+    /// Writes the run: its record, its first events, its ID, its open mark.
+    fn insert(
+        &self,
+        runs: &mut Table<'_, &'static str, &'static [u8]>,
+        ids: &mut Table<'_, &'static str, &'static str>,
+        events_t: &mut Table<'_, (&'static str, u32), &'static [u8]>,
+        open: &mut Table<'_, &'static str, u8>,
+    ) -> Result<(), Error> {
+        let run_id = self.run.run_id.as_str();
+        ids.insert(self.run.workflow_id.as_str(), run_id)
+            .map_err(storage)?;
+        runs.insert(run_id, self.record.as_slice())
+            .map_err(storage)?;
+        for (id, ev) in self.ids.iter().zip(&self.events) {
+            events_t
+                .insert((run_id, *id), ev.as_slice())
+                .map_err(storage)?;
+        }
+        open.insert(run_id, 0).map_err(storage)?;
+        Ok(())
+    }
 }
 
 fn fail_all(group: Vec<Request>, e: Error) {
@@ -1514,46 +1485,42 @@ fn fail_all(group: Vec<Request>, e: Error) {
         match req {
             Request::Start { reply, .. } => drop(reply.send(Err(e.clone()))),
             Request::Append { reply, .. } => drop(reply.send(Err(e.clone()))),
+            Request::Reconcile { reply } => drop(reply.send(Err(e.clone()))),
         }
     }
 }
 
-fn answer(group: Vec<Request>, outcomes: Vec<Outcome>, failed: HashMap<String, Error>) {
-    // A request's mirror append failed if that of its run (or of the run it continued as)
-    // did.
-    let mirrored = |runs: &[&String]| match runs.iter().find_map(|r| failed.get(*r)) {
+/// Answers a committed group's requests; `mirror`: the failure of their mirror publish, if
+/// it failed (every written request is answered with it).
+fn answer(group: Vec<(Request, Outcome)>, mirror: Option<Error>) {
+    let written = || match &mirror {
         Some(e) => Err(e.clone()),
         None => Ok(()),
     };
-    for (req, outcome) in group.into_iter().zip(outcomes) {
+    for (req, outcome) in group {
         match req {
-            Request::Start { reply, record, .. } => {
+            Request::Start { reply, .. } => {
                 let r = match outcome {
-                    Outcome::Written(_) => {
-                        mirrored(&[&record.run_id]).map(|_| StartOutcome::Started)
-                    }
+                    Outcome::Written => written().map(|()| StartOutcome::Started),
                     Outcome::Existing(outcome) => Ok(outcome),
                     Outcome::Refused(e) => Err(e),
                 };
                 let _ = reply.send(r);
             }
-            Request::Append {
-                reply,
-                run_id,
-                successor,
-                ..
-            } => {
+            Request::Append { reply, .. } => {
                 let r = match outcome {
-                    Outcome::Written(_) => match &successor {
-                        Some(next) => mirrored(&[&run_id, &next.0.run_id]),
-                        None => mirrored(&[&run_id]),
-                    },
+                    Outcome::Written => written(),
                     Outcome::Existing(_) => {
                         Err(Error::Invalid("append answered as a start".into()))
                     }
                     Outcome::Refused(e) => Err(e),
                 };
                 let _ = reply.send(r);
+            }
+            Request::Reconcile { reply } => {
+                let _ = reply.send(Err(Error::Invalid(
+                    "a reconciliation in a commit group".into(),
+                )));
             }
         }
     }

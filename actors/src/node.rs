@@ -142,11 +142,11 @@ impl Orchestrator {
             .map_err(|e| Error::Actor(e.to_string()))?;
         let _ = rt.supervisor.set(supervisor.clone());
 
-        // 1. Rebuild every open run from the journal.
-        // Each run's mirror is checked (one JetStream read, a repair if it lags) and the run
-        // handed to the supervisor as soon as it is ready, many at once: recovery of many
-        // open runs is not one round trip after another, and the first runs resume while
-        // the others are still being checked.
+        // 1. Rebuild every open run from the journal, once its two stores agree (they
+        // differ by at most its last group commit: one JetStream read, a republish or an
+        // adoption if they do). Each run is handed to the supervisor as soon as it is
+        // read: the first runs resume while the others are still being read.
+        rt.journal.reconcile_mirror().await?;
         let open = rt.journal.open_runs()?;
         let recovered = open.len();
         tracing::info!(
@@ -154,18 +154,10 @@ impl Orchestrator {
             ms = began.elapsed().as_millis() as u64,
             "open runs read"
         );
-        let mut ready = futures::stream::iter(open)
-            .map(|run| {
-                let rt = rt.clone();
-                async move {
-                    rt.journal.reconcile_mirror(&run.run_id).await?;
-                    // Read again: the reconciliation may have adopted events (a close too).
-                    Ok::<_, Error>(read_open_run(&rt, &run.run_id)?)
-                }
-            })
-            .buffer_unordered(RECOVERY_CONCURRENCY);
-        while let Some(r) = ready.next().await {
-            let Some((run, history)) = r? else { continue };
+        for run in open {
+            let Some((run, history)) = read_open_run(&rt, &run.run_id)? else {
+                continue;
+            };
             // One line per run, unless there are so many that they would drown the log.
             if recovered <= RECOVERY_LOG_EACH {
                 tracing::info!(workflow_id = %run.workflow_id, run_id = %run.run_id, events = history.len(), "recovering run");
@@ -182,7 +174,6 @@ impl Orchestrator {
                 }))
                 .map_err(|e| Error::Actor(e.to_string()))?;
         }
-        drop(ready);
         tracing::info!(
             recovered,
             ms = began.elapsed().as_millis() as u64,
@@ -867,8 +858,6 @@ async fn query(rt: &Runtime, req: QueryRequest, f: Format) -> Reply {
     }
 }
 
-/// Open runs whose mirror is checked at once during recovery.
-const RECOVERY_CONCURRENCY: usize = 64;
 /// Up to this many open runs, recovery logs each at info level (beyond it, at debug).
 const RECOVERY_LOG_EACH: usize = 1_000;
 

@@ -27,11 +27,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::{Result, anyhow};
-use baton_actors::{Command, Execution, Registry, history::Event, journal::MirrorBatch};
+use anyhow::Result;
+use baton_actors::{Command, Execution, Registry, history::Event};
 use baton_tests::Client;
-use baton_transport::{codec, subject, wire::ResultReply};
-use futures::StreamExt;
+use baton_transport::wire::ResultReply;
 use serde_json::Value;
 
 use crate::{
@@ -97,45 +96,8 @@ pub async fn read_back(
         histories,
         results,
         listed,
-        mirror: read_mirror(nats).await?,
+        mirror: baton_tests::read_mirror(nats).await?,
     })
-}
-
-/// Every event of the `BATON_HISTORY` stream, grouped by run.
-async fn read_mirror(nats: &async_nats::Client) -> Result<HashMap<String, Vec<Event>>> {
-    let js = async_nats::jetstream::new(nats.clone());
-    let mut stream = js.get_stream(subject::HISTORY_STREAM).await?;
-    let total = stream.info().await?.state.messages;
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            filter_subject: "baton.history.>".into(),
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-            inactive_threshold: std::time::Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await?;
-    let mut out: HashMap<String, Vec<Event>> = HashMap::new();
-    let mut read = 0u64;
-    // Pulls of a bounded size: a default pull (200 messages) of the large mirror messages
-    // of scenario 15 (up to the 8 MB server limit each) overflows the client's pending
-    // buffer, and the messages it drops are not delivered again (no acks).
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(64)
-        .max_bytes_per_batch(16 << 20)
-        .messages()
-        .await?;
-    while read < total {
-        let m = tokio::time::timeout(std::time::Duration::from_secs(30), messages.next())
-            .await
-            .map_err(|_| anyhow!("the mirror stopped after {read} of {total} messages"))?
-            .ok_or_else(|| anyhow!("the mirror ended after {read} of {total} messages"))?
-            .map_err(|e| anyhow!("reading the mirror: {e}"))?;
-        read += 1;
-        let b: MirrorBatch = codec::decode(&m.payload)?;
-        out.entry(b.run_id).or_default().extend(b.events);
-    }
-    Ok(out)
 }
 
 /// The figures of one scenario.

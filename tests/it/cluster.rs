@@ -4,10 +4,8 @@
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
-use baton_actors::{history::Event, journal::MirrorBatch};
+use baton_actors::history::Event;
 use baton_tests::{BatonProcess, Client, NatsServer};
-use baton_transport::{codec, subject};
-use futures::StreamExt;
 
 /// Long enough for the slowest step of a debug build on 2 shared cores.
 pub const WAIT: Duration = Duration::from_secs(120);
@@ -93,25 +91,12 @@ pub async fn events(client: &Client, workflow_id: &str) -> Result<Vec<serde_json
         .ok_or_else(|| anyhow!("no events in {h}"))
 }
 
-/// The events of one run read back from its JetStream mirror (`baton.history.<run_id>`).
+/// The events of one run read back from the journal's JetStream mirror.
 pub async fn mirrored_events(nats: &async_nats::Client, run_id: &str) -> Result<Vec<Event>> {
-    let js = async_nats::jetstream::new(nats.clone());
-    let stream = js.get_stream(subject::HISTORY_STREAM).await?;
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            filter_subject: subject::history(run_id),
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut out = Vec::new();
-    let mut batch = consumer.fetch().max_messages(10_000).messages().await?;
-    while let Some(m) = batch.next().await {
-        let m = m.map_err(|e| anyhow!("{e}"))?;
-        let b: MirrorBatch = codec::decode(&m.payload)?;
-        out.extend(b.events);
-    }
-    Ok(out)
+    Ok(baton_tests::read_mirror(nats)
+        .await?
+        .remove(run_id)
+        .unwrap_or_default())
 }
 
 /// Events of one type, in order.

@@ -1,14 +1,17 @@
-//! The journal's JetStream mirror against a real nats-server: a group commit's messages go
-//! in one atomic batch, each still chained to its run's previous message, so a stale
-//! writer's append is refused and the rest of its group is stored.
+//! The journal's JetStream mirror against a real nats-server: each group commit is one
+//! message on the writer's subject, chained to the one before (a stale writer is refused),
+//! and the two stores, which differ by at most the last group after a failed write, are
+//! reconciled both ways.
+
+use std::path::Path;
 
 use baton_actors::{
     history::{Event, EventKind},
-    journal::{Journal, RunRecord, RunStatus, StartOutcome},
+    journal::{Error, Journal, RunRecord, RunStatus, StartOutcome},
     storage::StorageFaults,
 };
-use baton_tests::NatsServer;
-use baton_transport::{Payload, jetstream::Streams, subject};
+use baton_tests::{NatsServer, mirror_groups};
+use baton_transport::{Payload, jetstream::Streams};
 use futures::future::join_all;
 
 use crate::cluster::mirrored_events;
@@ -51,6 +54,30 @@ fn signal(id: u32) -> Event {
     }
 }
 
+/// A signal whose input is about `mb` MiB.
+fn large_signal(id: u32, mb: usize) -> Event {
+    Event {
+        id,
+        at_ms: u64::from(id),
+        kind: EventKind::SignalReceived {
+            name: "s".into(),
+            input: Payload::encode(&"x".repeat(mb << 20)).unwrap(),
+            request_id: None,
+        },
+    }
+}
+
+/// Opens the journal at `path` once the previous writer has released the file.
+async fn reopen(path: &Path, streams: &Streams) -> anyhow::Result<Journal> {
+    for _ in 0..200 {
+        if let Ok(j) = Journal::open(path, Some(streams.clone())) {
+            return Ok(j);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Ok(Journal::open(path, Some(streams.clone()))?)
+}
+
 /// A journal mirrored to a fresh nats-server, over storage whose faults the test injects.
 /// The server and the directory live as long as the returned guards.
 async fn journal_with_faults() -> anyhow::Result<(
@@ -74,14 +101,14 @@ async fn journal_with_faults() -> anyhow::Result<(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_group_commit_is_mirrored_in_atomic_batches_and_a_stale_writer_is_refused()
+async fn each_group_commit_is_one_mirror_message_and_a_stale_writer_is_refused()
 -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
     let client = nats.connect().await?;
     let streams = Streams::ensure(&client).await?;
-    assert!(streams.history_takes_batches());
     let dir = tempfile::tempdir()?;
-    let journal = Journal::open(&dir.path().join("journal.redb"), Some(streams.clone()))?;
+    let path = dir.path().join("journal.redb");
+    let journal = Journal::open(&path, Some(streams.clone()))?;
 
     // 64 starts and then 64 appends at once: they commit in a few groups.
     let runs: Vec<String> = (0..64).map(|i| format!("run{i:02}")).collect();
@@ -92,52 +119,60 @@ async fn a_group_commit_is_mirrored_in_atomic_batches_and_a_stale_writer_is_refu
     for r in join_all(runs.iter().map(|r| journal.append(r, vec![signal(2)]))).await {
         r?;
     }
-    let mut batched = 0;
     for run in &runs {
         assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
-        let last = streams
-            .history
-            .get_last_raw_message_by_subject(&subject::history(run))
-            .await?;
-        if last
-            .headers
-            .get(async_nats::header::NATS_BATCH_ID)
-            .is_some()
-        {
-            batched += 1;
-        }
     }
-    // The first append of a group may be alone in it; most share batches.
+    let groups = mirror_groups(&client).await?;
     assert!(
-        batched >= 32,
-        "only {batched} of 64 appends went in a batch"
+        groups.len() < 128,
+        "{} mirror messages for 128 writes: groups share one",
+        groups.len()
+    );
+    assert!(groups.iter().any(|g| g.runs.len() > 1));
+    for (k, g) in groups.iter().enumerate() {
+        assert_eq!(g.group, k as u64 + 1, "groups are numbered in order");
+        assert_eq!((g.part, g.parts), (1, 1));
+    }
+
+    // Reopened, the writer goes on from its last group, on the same subject.
+    let subject = journal.mirror_subject().expect("mirrored").to_string();
+    drop(journal);
+    let journal = reopen(&path, &streams).await?;
+    assert_eq!(journal.mirror_subject(), Some(subject.as_str()));
+    journal.append("run00", vec![signal(3)]).await?;
+    let last = mirror_groups(&client).await?.pop().expect("a group");
+    assert_eq!(last.group, groups.len() as u64 + 1);
+    assert_eq!(
+        mirrored_events(&client, "run00").await?,
+        journal.history("run00")?
     );
 
-    // Another writer appended to run07's mirror: this journal's next append of run07
-    // is stale and refused (its whole batch is, too); the others of its group are stored
-    // one message each, and only run07's append reports the failure.
+    // Another writer appended to this journal's subject: the next write is refused by the
+    // chain check, and so is every later one, since the stores cannot be reconciled.
     streams
         .js
-        .publish(subject::history("run07"), "from a stale writer".into())
+        .publish(subject, "from a stale writer".into())
         .await?
         .await?;
-    let results = join_all(runs.iter().map(|r| journal.append(r, vec![signal(3)]))).await;
-    for (run, r) in runs.iter().zip(results) {
-        if run == "run07" {
-            let e = r.expect_err("the stale append is refused");
-            assert!(e.to_string().contains("run07"), "{e}");
-        } else {
-            r?;
-            assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
-        }
-    }
+    let e = journal
+        .append("run01", vec![signal(3)])
+        .await
+        .expect_err("the stale append is refused");
+    assert!(matches!(e, Error::Mirror(_)), "{e}");
+    assert!(journal.unreconciled());
+    let e = journal
+        .reconcile_mirror()
+        .await
+        .expect_err("a foreign message cannot be reconciled");
+    assert!(e.to_string().contains("another writer"), "{e}");
+    assert!(journal.append("run02", vec![signal(3)]).await.is_err());
     Ok(())
 }
 
-/// A lone append's mirror publish overlaps its redb commit. When the commit fails (a full
-/// disk) and the publish held, the mirror is one append ahead: the append is refused, and
-/// reconciling the run adopts the mirror's message into redb, after which the two stores
-/// agree and the run goes on.
+/// A group's mirror publish overlaps its redb commit. When the commit fails (a full disk)
+/// and the publish held, the mirror is one group ahead: the append is refused, and the
+/// reconciliation adopts the mirror's message into redb, after which the two stores agree
+/// and the run goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mirror_ahead_of_a_failed_commit_is_adopted_by_the_reconciliation() -> anyhow::Result<()>
 {
@@ -161,8 +196,10 @@ async fn a_mirror_ahead_of_a_failed_commit_is_adopted_by_the_reconciliation() ->
         "the overlapped publish held"
     );
     assert_eq!(journal.history(run)?.len(), 2, "redb did not commit");
+    assert!(journal.unreconciled());
 
-    journal.reconcile_mirror(run).await?;
+    journal.reconcile_mirror().await?;
+    assert!(!journal.unreconciled());
     assert_eq!(
         journal.history(run)?,
         mirrored,
@@ -177,62 +214,154 @@ async fn a_mirror_ahead_of_a_failed_commit_is_adopted_by_the_reconciliation() ->
     Ok(())
 }
 
-/// Appends of many runs committed together have their mirror publishes overlap the redb
-/// commit too (an atomic batch for a large group, pipelined messages for a small one),
-/// while starts in the same group are mirrored after redb decided them. When the commit
-/// fails (a full disk), every run whose message the mirror stored is one append ahead,
-/// and the reconciliation adopts each.
+/// Starts and appends of many runs committed together: when the commit fails (a full
+/// disk), the appends whose publish held are adopted, while the starts (mirrored only once
+/// redb has committed them) leave nothing in either store; every run goes on.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_group_of_overlapped_appends_whose_commit_failed_is_adopted() -> anyhow::Result<()> {
+async fn a_group_of_starts_and_appends_whose_commit_failed_is_adopted() -> anyhow::Result<()> {
     let (_nats, client, _dir, faults, journal) = journal_with_faults().await?;
-    for n in [20usize, 4] {
-        let runs: Vec<String> = (0..n).map(|i| format!("g{n}-{i:02}")).collect();
-        for s in join_all(runs.iter().map(|r| journal.start(record(r), started(r)))).await {
-            assert!(matches!(s?, StartOutcome::Started));
-        }
-        // Appends and new starts at once: they share groups.
-        let late: Vec<String> = (0..3).map(|i| format!("g{n}-late{i}")).collect();
-        let (appended, starts) = futures::join!(
-            join_all(runs.iter().map(|r| journal.append(r, vec![signal(2)]))),
-            join_all(late.iter().map(|r| journal.start(record(r), started(r)))),
-        );
-        for r in appended {
-            r?;
-        }
-        for s in starts {
-            assert!(matches!(s?, StartOutcome::Started));
-        }
-        for run in runs.iter().chain(&late) {
-            assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
-        }
-
-        faults.set_full(true);
-        let refused = join_all(runs.iter().map(|r| journal.append(r, vec![signal(3)]))).await;
-        faults.set_full(false);
-        assert!(
-            refused.iter().all(Result::is_err),
-            "a full disk refuses them"
-        );
-        for run in &runs {
-            let mirrored = mirrored_events(&client, run).await?;
-            assert_eq!(
-                mirrored.iter().map(|e| e.id).collect::<Vec<_>>(),
-                [1, 2, 3],
-                "{run}: the overlapped publish held"
-            );
-            assert_eq!(journal.history(run)?.len(), 2, "{run}: redb did not commit");
-            assert!(journal.unreconciled(run), "{run} is marked");
-            journal.reconcile_mirror(run).await?;
-            assert_eq!(journal.history(run)?, mirrored, "{run}: adopted");
-        }
-        // The runs go on, in both stores.
-        for r in join_all(runs.iter().map(|r| journal.append(r, vec![signal(4)]))).await {
-            r?;
-        }
-        for run in &runs {
-            assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
-            assert_eq!(journal.history(run)?.len(), 4);
-        }
+    let runs: Vec<String> = (0..20).map(|i| format!("g{i:02}")).collect();
+    for s in join_all(runs.iter().map(|r| journal.start(record(r), started(r)))).await {
+        assert!(matches!(s?, StartOutcome::Started));
     }
+    for r in join_all(runs.iter().map(|r| journal.append(r, vec![signal(2)]))).await {
+        r?;
+    }
+
+    faults.set_full(true);
+    let late: Vec<String> = (0..3).map(|i| format!("late{i}")).collect();
+    let (appended, starts) = futures::join!(
+        join_all(runs.iter().map(|r| journal.append(r, vec![signal(3)]))),
+        join_all(late.iter().map(|r| journal.start(record(r), started(r)))),
+    );
+    faults.set_full(false);
+    assert!(
+        appended.iter().all(Result::is_err),
+        "a full disk refuses them"
+    );
+    assert!(
+        starts.iter().all(Result::is_err),
+        "a full disk refuses them"
+    );
+    // The first group failed with its publish held; any later one was refused before it
+    // was written anywhere (the stores are reconciled first, which failed too).
+    let ahead: Vec<&String> = {
+        let mirror = baton_tests::read_mirror(&client).await?;
+        runs.iter()
+            .chain(&late)
+            .filter(|r| {
+                mirror
+                    .get(*r)
+                    .is_some_and(|e| e.len() > journal.history(r).unwrap().len())
+            })
+            .collect()
+    };
+    assert!(!ahead.is_empty(), "the mirror holds the failed group");
+
+    journal.reconcile_mirror().await?;
+    for run in runs.iter().chain(&late) {
+        assert_eq!(
+            mirrored_events(&client, run).await?,
+            journal.history(run)?,
+            "{run}"
+        );
+    }
+    for run in &ahead {
+        let record = journal.run(run)?.expect("adopted");
+        assert_eq!(record.status, RunStatus::Running);
+        assert_eq!(record.last_event_id, 3);
+    }
+    for run in &late {
+        assert!(
+            journal.run(run)?.is_none(),
+            "{run}: a refused start is not in redb"
+        );
+        assert!(
+            mirrored_events(&client, run).await?.is_empty(),
+            "{run}: nor in the mirror"
+        );
+    }
+    assert_eq!(journal.open_runs()?.len(), runs.len());
+
+    // The runs go on, in both stores.
+    for run in &runs {
+        let next = journal.run(run)?.unwrap().last_event_id + 1;
+        journal.append(run, vec![signal(next)]).await?;
+        assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+    }
+    Ok(())
+}
+
+/// A group whose mirror publish failed (the NATS server down) is in redb only: the
+/// reconciliation publishes it again once the server is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn redb_ahead_of_a_failed_publish_is_published_again() -> anyhow::Result<()> {
+    let mut nats = NatsServer::start().await?;
+    let client = nats.connect().await?;
+    let streams = Streams::ensure(&client).await?;
+    let dir = tempfile::tempdir()?;
+    let journal = Journal::open(&dir.path().join("journal.redb"), Some(streams))?;
+    let run = "behind";
+    journal.start(record(run), started(run)).await?;
+    journal.append(run, vec![signal(2)]).await?;
+
+    nats.kill();
+    let e = journal
+        .append(run, vec![signal(3)])
+        .await
+        .expect_err("no mirror, no acknowledgement");
+    assert!(matches!(e, Error::Mirror(_)), "{e}");
+    assert_eq!(journal.history(run)?.len(), 3, "redb committed");
+    assert!(journal.unreconciled());
+    assert!(
+        journal.reconcile_mirror().await.is_err(),
+        "the server is down"
+    );
+
+    nats.restart().await?;
+    let mut reconciled = journal.reconcile_mirror().await;
+    for _ in 0..100 {
+        if reconciled.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        reconciled = journal.reconcile_mirror().await;
+    }
+    reconciled?;
+    assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+    journal.append(run, vec![signal(4)]).await?;
+    assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+    Ok(())
+}
+
+/// A group too large for one message is mirrored in parts (a run's events split between
+/// them); an event too large for any message is refused before anything is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_group_is_mirrored_in_parts_and_an_oversize_event_is_refused() -> anyhow::Result<()>
+{
+    let nats = NatsServer::start().await?;
+    let client = nats.connect().await?;
+    let streams = Streams::ensure(&client).await?;
+    let dir = tempfile::tempdir()?;
+    let journal = Journal::open(&dir.path().join("journal.redb"), Some(streams))?;
+    let run = "large";
+    journal.start(record(run), started(run)).await?;
+    // Two events of 5 MiB: over the server's 8 MB message limit together.
+    journal
+        .append(run, vec![large_signal(2, 5), large_signal(3, 5)])
+        .await?;
+    let last = mirror_groups(&client).await?.pop().expect("a group");
+    assert_eq!((last.part, last.parts), (2, 2), "one group in two parts");
+    assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+
+    let e = journal
+        .append(run, vec![signal(4), large_signal(5, 9)])
+        .await
+        .expect_err("over the message limit");
+    assert!(matches!(e, Error::Invalid(_)), "{e}");
+    assert!(e.to_string().contains("message limit"), "{e}");
+    assert_eq!(journal.history(run)?.len(), 3, "nothing of it was written");
+    journal.append(run, vec![signal(4)]).await?;
+    assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
     Ok(())
 }

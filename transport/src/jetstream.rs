@@ -5,8 +5,8 @@
 //!   after the orchestrator answered its report (a core NATS request on
 //!   `baton.report.<run_id>`, answered once the journal holds the outcome), so a worker
 //!   that dies mid-activity leaves the task to be redelivered.
-//! - `BATON_HISTORY` (limits retention, file storage, atomic batches allowed): the mirror
-//!   of every run's journal, a group commit's messages published as one atomic batch.
+//! - `BATON_HISTORY` (limits retention, file storage): the mirror of the journal, one
+//!   message per group commit on each journal writer's subject.
 //!
 //! Durability of each file-stored write comes from the server's `sync_interval` (Baton's
 //! dev server uses `always`) and, in production, from R3 replication. Tasks and reports are
@@ -49,7 +49,7 @@ pub fn local_server_config(port: u16, store_dir: &Path) -> String {
 pub const TASK_ACK_WAIT: Duration = Duration::from_secs(5);
 /// How many times JetStream delivers one task before giving up on it.
 pub const TASK_MAX_DELIVER: i64 = 20;
-/// Window in which `Nats-Msg-Id` deduplicates republished tasks and history entries.
+/// Window in which `Nats-Msg-Id` deduplicates republished tasks.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// The replica count used for Baton's streams (1 on a single server).
 pub const DEFAULT_REPLICAS: usize = 1;
@@ -87,7 +87,6 @@ pub struct Streams {
     /// and heartbeat timers read it.
     pub liveness: jetstream::kv::Store,
     max_payload: usize,
-    history_atomic: bool,
 }
 
 impl Streams {
@@ -118,36 +117,18 @@ impl Streams {
         }
         let history_config = stream::Config {
             name: subject::HISTORY_STREAM.into(),
-            subjects: vec!["baton.history.>".into()],
+            subjects: vec![subject::HISTORY_ALL.into()],
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             duplicate_window: DUPLICATE_WINDOW,
             max_message_size: max_msg,
             num_replicas: DEFAULT_REPLICAS,
-            allow_atomic_publish: true,
             ..Default::default()
         };
-        let mut history = js
-            .get_or_create_stream(history_config.clone())
+        let history = js
+            .get_or_create_stream(history_config)
             .await
             .map_err(Error::nats)?;
-        if !history.cached_info().config.allow_atomic_publish {
-            // Created by an older Baton: allow atomic batches (one per group commit).
-            let mut config = history.cached_info().config.clone();
-            config.allow_atomic_publish = true;
-            match js.update_stream(config).await {
-                Ok(_) => {
-                    history = js
-                        .get_stream(subject::HISTORY_STREAM)
-                        .await
-                        .map_err(Error::nats)?
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "the history stream does not allow atomic batches; every run's mirror append is fsync'd on its own")
-                }
-            }
-        }
-        let history_atomic = history.cached_info().config.allow_atomic_publish;
         let heartbeats = match js.get_key_value(HEARTBEATS_BUCKET).await {
             Ok(kv) => kv,
             Err(_) => js
@@ -195,7 +176,6 @@ impl Streams {
             cancels,
             liveness,
             max_payload: client.server_info().max_payload,
-            history_atomic,
         })
     }
 
@@ -207,13 +187,6 @@ impl Streams {
         Ok(QueuesCreated {
             tasks_ns: tasks.cached_info().created.unix_timestamp_nanos(),
         })
-    }
-
-    /// Whether `BATON_HISTORY` takes atomic batches (ADR-50, NATS 2.12+): the journal
-    /// mirrors a whole group commit in one, which the server stores with far fewer fsyncs
-    /// than one message per run.
-    pub fn history_takes_batches(&self) -> bool {
-        self.history_atomic
     }
 
     /// The largest message the server accepts, in bytes.

@@ -7,7 +7,7 @@
 //! | `baton.api.search` | core request/reply | clients | the index owner (`baton worker --queue index`, `baton dev`) |
 //! | `baton.task.<queue>.<run_id>.<seq>.<attempt>` | JetStream `BATON_TASKS` | orchestrator | workers of `<queue>` |
 //! | `baton.report.<run_id>` | core request/reply (answered once journaled) | workers | orchestrator |
-//! | `baton.history.<run_id>` | JetStream `BATON_HISTORY` | orchestrator journal | readers, recovery |
+//! | `baton.history.log.<writer>` | JetStream `BATON_HISTORY` (one message per group commit) | orchestrator journal | its reconciliation, readers |
 
 /// Prefix of start requests: `baton.start.<workflow_type>`.
 pub const START_PREFIX: &str = "baton.start";
@@ -77,10 +77,13 @@ pub fn report(run_id: &str) -> String {
     format!("{REPORT_PREFIX}.{run_id}")
 }
 
-/// Subject of a run's journal mirror.
-pub fn history(run_id: &str) -> String {
-    format!("baton.history.{run_id}")
+/// Subject of a journal writer's mirror: its group commits, in order.
+pub fn journal_log(writer: &str) -> String {
+    format!("baton.history.log.{writer}")
 }
+
+/// Filter of every message of every journal mirror.
+pub const HISTORY_ALL: &str = "baton.history.>";
 
 /// Durable consumer name of a task queue.
 pub fn queue_consumer(queue: &str) -> String {
