@@ -238,6 +238,11 @@ pub struct MirrorGroup {
     pub part: u32,
     /// The group's number of parts (1 unless it was too large for one message).
     pub parts: u32,
+    /// Drawn at random for each redb transaction, and kept with its groups in redb: tells
+    /// this group from one numbered the same whose commit failed, if that one's publish
+    /// reached the server only later (see [`Journal::reconcile_mirror`]).
+    #[serde(default)]
+    pub nonce: u64,
     /// What the group wrote of each run, in commit order.
     pub runs: Vec<MirrorRun>,
 }
@@ -265,6 +270,7 @@ struct GroupMessage<'a> {
     group: u64,
     part: u32,
     parts: u32,
+    nonce: u64,
     runs: &'a [RunEntry<'a>],
 }
 
@@ -283,6 +289,9 @@ struct LastGroup {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct LastCommit {
     groups: Vec<LastGroup>,
+    /// The transaction's nonce (see [`MirrorGroup::nonce`]).
+    #[serde(default)]
+    nonce: u64,
 }
 
 impl LastCommit {
@@ -291,8 +300,9 @@ impl LastCommit {
         self.groups.last().map_or(0, |g| g.group)
     }
 
-    fn of(entries: &[(u64, &[RunEntry<'_>])]) -> LastCommit {
+    fn of(entries: &[(u64, &[RunEntry<'_>])], nonce: u64) -> LastCommit {
         LastCommit {
+            nonce,
             groups: entries
                 .iter()
                 .map(|(group, runs)| LastGroup {
@@ -824,9 +834,24 @@ impl Writer {
     /// Compares the last group commit in redb with the mirror's last message and makes
     /// them agree (see [`Journal::reconcile_mirror`]); learns the chain head.
     async fn reconcile(&mut self) -> Result<(), Error> {
+        // A late message taken out makes the mirror's last message another one: look again.
+        for _ in 0..LATE_MESSAGES_TAKEN_OUT {
+            if self.reconcile_once().await? {
+                self.dirty.store(false, Ordering::Release);
+                return Ok(());
+            }
+        }
+        Err(Error::Mirror(format!(
+            "the journal mirror {} kept getting late messages of failed commits",
+            self.mirror_subject()
+        )))
+    }
+
+    /// One comparison of the two stores, and the repair it calls for; false when it took
+    /// a late message out of the mirror and they must be compared again.
+    async fn reconcile_once(&mut self) -> Result<bool, Error> {
         let Some(m) = &self.mirror else {
-            self.dirty.store(false, Ordering::Release);
-            return Ok(());
+            return Ok(true);
         };
         let (_, last) = self.db.meta()?;
         let (head, mirrored) = match m
@@ -865,6 +890,28 @@ impl Writer {
                 mirrored.map(|g| g.writer).unwrap_or_default()
             )));
         }
+        if let Some(late) = mirrored
+            .as_ref()
+            .filter(|g| last.groups.iter().any(|l| l.group == g.group) && g.nonce != last.nonce)
+        {
+            // The mirror's last message has the number of a group redb holds, but another
+            // transaction's nonce: it is the publish of a commit that failed, which reached
+            // the server only after the reconciliation that followed the failure (the
+            // group's number was then taken by the next commit, redb's). Its requests
+            // were refused; it goes, and redb's group is published in its place.
+            tracing::warn!(
+                group = late.group,
+                sequence = head,
+                "taking a late message of a failed commit out of the journal mirror"
+            );
+            let m = self.mirror.as_ref().expect("a mirror");
+            m.streams
+                .history
+                .delete_message(head)
+                .await
+                .map_err(|e| Error::Mirror(e.to_string()))?;
+            return Ok(false);
+        }
         let first_r = last.groups.first().map_or(0, |g| g.group);
         if g_m == g_r && part == parts {
             // They agree.
@@ -889,7 +936,7 @@ impl Writer {
                 if group.group < g_m || (group.group == g_m && part == parts) {
                     continue;
                 }
-                let made = self.group_parts(group)?;
+                let made = self.group_parts(group, last.nonce)?;
                 let from = if group.group == g_m { part as usize } else { 0 };
                 messages.extend(made.into_iter().skip(from));
             }
@@ -903,7 +950,7 @@ impl Writer {
             );
             let last_group = last.groups.last().expect("a group");
             let messages = self
-                .group_parts(last_group)?
+                .group_parts(last_group, last.nonce)?
                 .into_iter()
                 .skip(part as usize);
             self.publish_parts(messages.collect()).await?;
@@ -930,8 +977,7 @@ impl Writer {
             )));
         }
         self.next_group = g_r.max(g_m) + 1;
-        self.dirty.store(false, Ordering::Release);
-        Ok(())
+        Ok(true)
     }
 
     fn mirror_subject(&self) -> &str {
@@ -939,7 +985,7 @@ impl Writer {
     }
 
     /// The mirror messages of redb's last group commit, made again from redb.
-    fn group_parts(&self, last: &LastGroup) -> Result<Vec<Vec<u8>>, Error> {
+    fn group_parts(&self, last: &LastGroup, nonce: u64) -> Result<Vec<Vec<u8>>, Error> {
         let m = self.mirror.as_ref().expect("a mirror");
         let txn = self.db.get()?.begin_read().map_err(storage)?;
         let runs = txn.open_table(RUNS).map_err(storage)?;
@@ -959,7 +1005,7 @@ impl Writer {
             writer: self.id.clone(),
             limit: m.streams.js_max_payload(),
         };
-        encode_parts(&framing, last.group, &entries)
+        encode_parts(&framing, (last.group, nonce), &entries)
     }
 }
 
@@ -969,6 +1015,9 @@ struct Framing {
     limit: usize,
 }
 
+/// Most late messages one reconciliation takes out of the mirror before it gives up.
+const LATE_MESSAGES_TAKEN_OUT: usize = 4;
+
 /// Room left in a mirror message for its envelope (writer ID, numbers, framing, headers).
 const MIRROR_ENVELOPE: usize = 1024;
 
@@ -977,7 +1026,7 @@ const MIRROR_ENVELOPE: usize = 1024;
 /// events). The same entries always give the same parts.
 fn encode_parts(
     framing: &Framing,
-    group: u64,
+    (group, nonce): (u64, u64),
     entries: &[RunEntry<'_>],
 ) -> Result<Vec<Vec<u8>>, Error> {
     let mirror = |e: baton_transport::Error| Error::Mirror(e.to_string());
@@ -987,6 +1036,7 @@ fn encode_parts(
             group,
             part,
             parts,
+            nonce,
             runs,
         })
         .map_err(mirror)
@@ -1335,14 +1385,15 @@ fn commit(
                 }
             }
             if !numbered.is_empty() {
-                let last = LastCommit::of(&numbered);
+                let nonce = uuid::Uuid::new_v4().as_u64_pair().0;
+                let last = LastCommit::of(&numbered, nonce);
                 let mut meta = txn.open_table(META).map_err(storage)?;
                 let bytes = codec::encode(&last).map_err(storage)?;
                 meta.insert(META_GROUP, bytes.as_slice()).map_err(storage)?;
                 drop(meta);
                 mirrored.groups = numbered.len() as u64;
                 if !appended.is_empty() {
-                    let mut parts = encode_parts(framing, number, &appended)?;
+                    let mut parts = encode_parts(framing, (number, nonce), &appended)?;
                     if parts.len() == 1 {
                         // Published while redb syncs (the commit below).
                         let _ = early.send(parts.pop().expect("one part"));
@@ -1353,7 +1404,7 @@ fn commit(
                 }
                 if !started.is_empty() {
                     let (group, _) = numbered[numbered.len() - 1];
-                    mirrored.starts = encode_parts(framing, group, &started)?;
+                    mirrored.starts = encode_parts(framing, (group, nonce), &started)?;
                 }
             }
         }
@@ -1425,7 +1476,7 @@ fn adopt(db: &Database, group: &MirrorGroup) -> Result<(), Error> {
                 events: Cow::Borrowed(&r.events),
             })
             .collect();
-        let last = LastCommit::of(&[(group.group, &entries)]);
+        let last = LastCommit::of(&[(group.group, &entries)], group.nonce);
         let mut meta = txn.open_table(META).map_err(storage)?;
         let bytes = codec::encode(&last).map_err(storage)?;
         meta.insert(META_GROUP, bytes.as_slice()).map_err(storage)?;

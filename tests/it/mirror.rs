@@ -365,3 +365,65 @@ async fn a_large_group_is_mirrored_in_parts_and_an_oversize_event_is_refused() -
     assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
     Ok(())
 }
+
+/// A publish whose commit failed can reach the server late: after the reconciliation that
+/// followed the failure found the stores equal, and before the next group, which then
+/// takes the same number in redb and is refused by the chain check. The next
+/// reconciliation tells the late message from redb's group by the transaction's nonce,
+/// takes it out, and publishes redb's group in its place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_message_of_a_failed_commit_is_replaced_by_the_group_redb_holds()
+-> anyhow::Result<()> {
+    let (_nats, client, _dir, faults, journal) = journal_with_faults().await?;
+    let subject = journal.mirror_subject().expect("mirrored").to_string();
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js
+        .get_stream(baton_transport::subject::HISTORY_STREAM)
+        .await?;
+    let run = "late";
+    journal.start(record(run), started(run)).await?;
+    journal.append(run, vec![signal(2)]).await?;
+
+    // A commit fails; its publish is held back (taken out of the stream here, to land
+    // later).
+    faults.set_full(true);
+    assert!(journal.append(run, vec![signal(3)]).await.is_err());
+    faults.set_full(false);
+    let late = stream.get_last_raw_message_by_subject(&subject).await?;
+    stream.delete_message(late.sequence).await?;
+    journal.reconcile_mirror().await?;
+    assert_eq!(journal.history(run)?.len(), 2, "nothing to adopt");
+
+    // It lands now, chained to the mirror's last message, before the next group.
+    let head = stream.get_last_raw_message_by_subject(&subject).await?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        head.sequence.to_string().as_str(),
+    );
+    js.publish_with_headers(subject.clone(), headers, late.payload.clone())
+        .await?
+        .await?;
+    let timer = Event {
+        id: 3,
+        at_ms: 3,
+        kind: EventKind::TimerFired { seq: 9 },
+    };
+    let e = journal
+        .append(run, vec![timer.clone()])
+        .await
+        .expect_err("the chain check refuses the group after the late message");
+    assert!(matches!(e, Error::Mirror(_)), "{e}");
+    assert_eq!(
+        journal.history(run)?.last(),
+        Some(&timer),
+        "redb committed it"
+    );
+
+    journal.reconcile_mirror().await?;
+    assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+    journal.append(run, vec![signal(4)]).await?;
+    assert_eq!(mirrored_events(&client, run).await?, journal.history(run)?);
+    assert_eq!(journal.history(run)?.len(), 4);
+    Ok(())
+}
