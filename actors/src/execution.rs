@@ -2074,6 +2074,8 @@ pub(crate) enum SupervisorMsg {
     /// Have every execution in memory republish the tasks of its in-flight attempts that
     /// the task queue lacks (the end of recovery).
     RedispatchAll,
+    /// Answered once every message sent before it was handled (recovery keeps its pace).
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 pub(crate) struct SupervisorState {
@@ -2172,6 +2174,10 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Spawn(args) => spawn(&myself, state, args).await,
+            SupervisorMsg::Barrier(reply) => {
+                let _ = reply.send(());
+                Ok(())
+            }
             SupervisorMsg::EnforceCache => {
                 state.enforce_armed = false;
                 enforce_cache_size(&myself, state);

@@ -145,7 +145,9 @@ impl Orchestrator {
         // 1. Rebuild every open run from the journal, once its two stores agree (they
         // differ by at most its last group commit: one JetStream read, a republish or an
         // adoption if they do). Each run is handed to the supervisor as soon as it is
-        // read: the first runs resume while the others are still being read.
+        // read: the first runs resume while the others are still being read, never more
+        // than `RECOVERY_AHEAD` ahead of the supervisor (each one's history waits in its
+        // mailbox).
         rt.journal.reconcile_mirror().await?;
         let open = rt.journal.open_runs()?;
         let recovered = open.len();
@@ -154,7 +156,14 @@ impl Orchestrator {
             ms = began.elapsed().as_millis() as u64,
             "open runs read"
         );
-        for run in open {
+        for (n, run) in open.into_iter().enumerate() {
+            if n % RECOVERY_AHEAD == RECOVERY_AHEAD - 1 {
+                let (reply, caught_up) = tokio::sync::oneshot::channel();
+                supervisor
+                    .send_message(SupervisorMsg::Barrier(reply))
+                    .map_err(|e| Error::Actor(e.to_string()))?;
+                let _ = caught_up.await;
+            }
             let Some((run, history)) = read_open_run(&rt, &run.run_id)? else {
                 continue;
             };
@@ -858,6 +867,8 @@ async fn query(rt: &Runtime, req: QueryRequest, f: Format) -> Reply {
     }
 }
 
+/// Open runs recovery reads ahead of the supervisor that spawns their executions.
+const RECOVERY_AHEAD: usize = 64;
 /// Up to this many open runs, recovery logs each at info level (beyond it, at debug).
 const RECOVERY_LOG_EACH: usize = 1_000;
 
