@@ -2147,6 +2147,23 @@ fn restart_delay(n: u32) -> Duration {
     Duration::from_millis((100u64 << n.min(9)).min(30_000))
 }
 
+/// How long before the `n`-th restart of a failing execution, given the journal's state:
+/// while the journal fails its writes (a full disk, the mirror unreachable) the failure is
+/// not the run's, and it is retried at least every [`JOURNAL_FAILING_RETRY`], so that it
+/// goes on soon after the journal does instead of waiting out a backoff grown during the
+/// incident.
+fn restart_backoff(rt: &Runtime, n: u32) -> Duration {
+    let backoff = restart_delay(n);
+    if rt.journal.failing() {
+        backoff.min(JOURNAL_FAILING_RETRY)
+    } else {
+        backoff
+    }
+}
+
+/// The longest restart backoff while the journal fails its writes.
+const JOURNAL_FAILING_RETRY: Duration = Duration::from_secs(1);
+
 impl Actor for Supervisor {
     type Msg = SupervisorMsg;
     type State = SupervisorState;
@@ -2341,7 +2358,7 @@ impl Actor for Supervisor {
             SupervisionEvent::ActorFailed(cell, error) => {
                 if let Some(run_id) = forget(state, &cell) {
                     let n = count_failure(&mut state.restarts, &run_id);
-                    let backoff = restart_delay(n);
+                    let backoff = restart_backoff(&state.rt, n);
                     if n > MAX_RESTARTS {
                         tracing::error!(%run_id, %error, restarts = n, restart_in_ms = backoff.as_millis() as u64, "execution keeps failing; restarting from its journal");
                     } else {
@@ -2421,7 +2438,7 @@ async fn spawn(
         }
         Err(e) => {
             let n = count_failure(&mut state.restarts, &run_id);
-            let backoff = restart_delay(n);
+            let backoff = restart_backoff(&state.rt, n);
             if n > MAX_RESTARTS {
                 tracing::error!(%run_id, error = %e, restarts = n, "execution does not start; retrying");
             } else {

@@ -448,6 +448,8 @@ pub struct Journal {
     mirror_subject: Option<String>,
     /// See [`Journal::unreconciled`].
     dirty: Arc<AtomicBool>,
+    /// See [`Journal::failing`].
+    failing: Arc<AtomicBool>,
 }
 
 impl Journal {
@@ -484,12 +486,14 @@ impl Journal {
             tx,
             mirror_subject: mirror.as_ref().map(|m| m.subject.clone()),
             dirty: dirty.clone(),
+            failing: Arc::default(),
         };
         let writer = Writer {
             db: journal.db.clone(),
             id: writer_id,
             mirror,
             dirty,
+            failing: journal.failing.clone(),
             next_group: last.last() + 1,
         };
         tokio::spawn(writer.run(rx));
@@ -637,6 +641,12 @@ impl Journal {
         self.dirty.load(Ordering::Acquire)
     }
 
+    /// Whether the journal's last write failed (a full disk, an I/O error, the mirror
+    /// unreachable or refusing): writes fail until a group commits in both stores again.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
+    }
+
     /// Makes the two stores agree, after a crash or a failed write between them; returns
     /// at once when they do. They differ by at most the writer's last group commit: redb
     /// ahead (its commit held, the mirror's publish did not), the group is published
@@ -675,6 +685,8 @@ struct Writer {
     /// Set when a write failed (or before the first one): the stores are compared before
     /// the next group.
     dirty: Arc<AtomicBool>,
+    /// Set when a write failed, cleared when a group commits in both stores.
+    failing: Arc<AtomicBool>,
     /// The number the next group commit that writes anything takes.
     next_group: u64,
 }
@@ -723,6 +735,7 @@ impl Writer {
                 let _ = reply.send(reconciled.clone());
             }
             if let Err(e) = reconciled {
+                self.failing.store(true, Ordering::Release);
                 tracing::warn!(error = %e, "journal stores not reconciled; writes refused until they are");
                 fail_all(group, e);
                 continue;
@@ -734,6 +747,7 @@ impl Writer {
     }
 
     fn set_dirty(&self) {
+        self.failing.store(true, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
     }
 
@@ -810,6 +824,9 @@ impl Writer {
                 tracing::error!(error = %e, group = number, "journal mirror publish failed");
                 self.set_dirty();
             }
+        }
+        if stored.is_ok() {
+            self.failing.store(false, Ordering::Release);
         }
         answer(starts, stored.err());
     }
