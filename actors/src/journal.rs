@@ -1035,6 +1035,10 @@ struct Framing {
 /// Most late messages one reconciliation takes out of the mirror before it gives up.
 const LATE_MESSAGES_TAKEN_OUT: usize = 4;
 
+/// Room a run's entry in a mirror message takes beyond its encoded record and events:
+/// `fits_mirror` refuses an event that `encode_parts` could not place in any part.
+const MIRROR_RUN_FRAMING: usize = 16;
+
 /// Room left in a mirror message for its envelope (writer ID, numbers, framing, headers).
 const MIRROR_ENVELOPE: usize = 1024;
 
@@ -1071,7 +1075,7 @@ fn encode_parts(
             pieces.push((entry.clone(), n));
             continue;
         }
-        let record_len = codec::encode(&entry.record).map_err(mirror)?.len() + 16;
+        let record_len = codec::encode(&entry.record).map_err(mirror)?.len() + MIRROR_RUN_FRAMING;
         let mut start = 0;
         while start < entry.events.len() {
             let mut end = start;
@@ -1211,7 +1215,7 @@ fn fits_mirror(framing: Option<&Framing>, record: &[u8], events: &[Vec<u8>]) -> 
     };
     let room = framing
         .limit
-        .saturating_sub(MIRROR_ENVELOPE + 16 + record.len());
+        .saturating_sub(MIRROR_ENVELOPE + MIRROR_RUN_FRAMING + record.len());
     match events.iter().position(|e| e.len() > room) {
         None => Ok(()),
         Some(i) => Err(Error::Invalid(format!(

@@ -296,11 +296,7 @@ async fn a_group_of_starts_and_appends_whose_commit_failed_is_adopted() -> anyho
 /// reconciliation publishes it again once the server is back.
 #[tokio::test(flavor = "multi_thread")]
 async fn redb_ahead_of_a_failed_publish_is_published_again() -> anyhow::Result<()> {
-    let mut nats = NatsServer::start().await?;
-    let client = nats.connect().await?;
-    let streams = Streams::ensure(&client).await?;
-    let dir = tempfile::tempdir()?;
-    let journal = Journal::open(&dir.path().join("journal.redb"), Some(streams))?;
+    let (mut nats, client, _dir, _faults, journal) = journal_with_faults().await?;
     let run = "behind";
     journal.start(record(run), started(run)).await?;
     journal.append(run, vec![signal(2)]).await?;
@@ -339,11 +335,7 @@ async fn redb_ahead_of_a_failed_publish_is_published_again() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_group_is_mirrored_in_parts_and_an_oversize_event_is_refused() -> anyhow::Result<()>
 {
-    let nats = NatsServer::start().await?;
-    let client = nats.connect().await?;
-    let streams = Streams::ensure(&client).await?;
-    let dir = tempfile::tempdir()?;
-    let journal = Journal::open(&dir.path().join("journal.redb"), Some(streams))?;
+    let (_nats, client, _dir, _faults, journal) = journal_with_faults().await?;
     let run = "large";
     journal.start(record(run), started(run)).await?;
     // Two events of 5 MiB: over the server's 8 MB message limit together.
