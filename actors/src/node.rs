@@ -198,6 +198,15 @@ impl Orchestrator {
             tokio::spawn(report_feed(rt.clone(), client.clone(), reports)),
             tokio::spawn(watch_queues(rt.clone(), queues)),
         ];
+        // Workers still waiting for a dead node's answer ask this one now. (Best effort:
+        // without it they ask again after their answer wait.)
+        let me = rt.journal.mirror_subject().unwrap_or_default().to_string();
+        if let Err(e) = client
+            .publish(subject::ORCHESTRATOR_STARTED, me.into())
+            .await
+        {
+            tracing::warn!(error = %e, "start not announced to the workers");
+        }
         if recovered > 0 {
             // 3. Republish the tasks JetStream no longer holds (behind the spawns above in
             // the supervisor's mailbox, so every recovered execution is asked).

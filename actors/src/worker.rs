@@ -53,6 +53,7 @@ pub struct PoolHandle {
     /// The supervisor that keeps a pool actor running.
     pub supervisor: ActorRef<SupervisorMsg>,
     join: tokio::task::JoinHandle<()>,
+    /// The watches of cancellations and of orchestrator starts.
     watch: tokio::task::JoinHandle<()>,
 }
 
@@ -212,7 +213,19 @@ pub async fn start_pool(
     baton_transport::ids::validate_name("task queue", &options.queue)?;
     let consumer = streams.queue_consumer(&options.queue).await?;
     let cancels = Arc::new(std::sync::Mutex::new(HashSet::new()));
-    let watch = tokio::spawn(watch_cancels(streams.cancels.clone(), cancels.clone()));
+    // Subscribed before the pool runs, so no announcement is missed once reports are sent.
+    let started = streams
+        .js
+        .client()
+        .subscribe(subject::ORCHESTRATOR_STARTED)
+        .await?;
+    let (starts, orchestrator_starts) = tokio::sync::watch::channel(0u64);
+    let watch = tokio::spawn({
+        let cancels = watch_cancels(streams.cancels.clone(), cancels.clone());
+        async move {
+            tokio::join!(cancels, count_orchestrator_starts(started, starts));
+        }
+    });
     let args = PoolArgs {
         streams,
         consumer,
@@ -220,6 +233,7 @@ pub async fn start_pool(
         options,
         cancels,
         reporting: Arc::new(AtomicUsize::new(0)),
+        orchestrator_starts,
     };
     let (supervisor, join) = Actor::spawn(None, PoolSupervisor, args).await?;
     Ok(PoolHandle {
@@ -251,6 +265,17 @@ async fn watch_cancels(kv: jetstream::kv::Store, set: Arc<std::sync::Mutex<HashS
             Err(e) => tracing::warn!(error = %e, "cancellation watch not started"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Counts the orchestrator nodes' start announcements (`subject::ORCHESTRATOR_STARTED`):
+/// each one makes the reporters waiting for an answer ask again (see [`report_and_ack`]).
+async fn count_orchestrator_starts(
+    mut started: async_nats::Subscriber,
+    starts: tokio::sync::watch::Sender<u64>,
+) {
+    while started.next().await.is_some() {
+        starts.send_modify(|n| *n += 1);
     }
 }
 
@@ -309,6 +334,8 @@ pub struct PoolArgs {
     /// Reports on their way to the orchestrator (their tasks not acked yet), across the
     /// pool actor's restarts.
     reporting: Arc<AtomicUsize>,
+    /// How many orchestrator starts were announced since the pool started.
+    orchestrator_starts: tokio::sync::watch::Receiver<u64>,
 }
 
 struct Running {
@@ -715,8 +742,10 @@ async fn write_liveness(state: &PoolState, task: &ActivityTask) {
     }
 }
 
-/// How long a reporter waits for the orchestrator's answer before asking again.
-const REPORT_ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// How long a reporter waits for the orchestrator's answer before asking again, unless an
+/// orchestrator node announces its start meanwhile (the one asked may have died with the
+/// report): then it asks again at once.
+pub const REPORT_ANSWER_WAIT: Duration = Duration::from_secs(10);
 /// The first and the longest pause between two tries of a report.
 const REPORT_RETRY_FIRST: Duration = Duration::from_millis(50);
 const REPORT_RETRY_MAX: Duration = Duration::from_secs(2);
@@ -766,9 +795,11 @@ fn finish(
     };
     let client = state.args.streams.js.client();
     let reporting = state.args.reporting.clone();
+    let mut starts = state.args.orchestrator_starts.clone();
+    starts.mark_unchanged();
     reporting.fetch_add(1, Ordering::AcqRel);
     tokio::spawn(async move {
-        report_and_ack(&client, &task, &message, bytes.into()).await;
+        report_and_ack(&client, &task, &message, bytes.into(), starts).await;
         reporting.fetch_sub(1, Ordering::AcqRel);
         tracing::info!(activity = %task.activity, run_id = %task.run_id, seq = task.seq, attempt = task.attempt, outcome,
             ms = started.elapsed().as_millis() as u64, "activity finished");
@@ -780,12 +811,15 @@ fn finish(
 /// telling JetStream every second meanwhile that the task is in progress; then acks the
 /// task. While the orchestrator is down (no responders) or its journal fails, the report
 /// waits here, held in memory: if this process dies first, the unacked task is redelivered
-/// and the attempt runs again.
+/// and the attempt runs again. A node that took the request and died never answers: when
+/// `starts` says an orchestrator node started meanwhile, the report is asked again at once
+/// (asking twice is harmless: a recorded report is answered settled).
 async fn report_and_ack(
     client: &async_nats::Client,
     task: &ActivityTask,
     message: &jetstream::Message,
     bytes: bytes::Bytes,
+    mut starts: tokio::sync::watch::Receiver<u64>,
 ) {
     let subject = subject::report(&task.run_id);
     let mut delay = REPORT_RETRY_FIRST;
@@ -794,12 +828,19 @@ async fn report_and_ack(
         REPORT_PROGRESS_EVERY,
     );
     for tries in 1u32.. {
+        let mut node_started = false;
         let ask = faults::call("report request", async {
-            let answer = tokio::time::timeout(
+            let request = tokio::time::timeout(
                 REPORT_ANSWER_WAIT,
                 client.request(subject.clone(), bytes.clone()),
-            )
-            .await
+            );
+            let answer = tokio::select! {
+                answer = request => answer,
+                () = announced(&mut starts) => {
+                    node_started = true;
+                    return Err("an orchestrator node started".to_string());
+                }
+            }
             .map_err(|_| "no answer in time".to_string())?
             .map_err(|e| e.to_string())?;
             let ack: ReportAck =
@@ -813,8 +854,14 @@ async fn report_and_ack(
                 (false, e) => Err(e.unwrap_or_else(|| "not recorded".into())),
             }
         });
-        match with_progress(ask, message, &mut progress).await {
+        let asked = with_progress(ask, message, &mut progress).await;
+        match asked {
             Ok(()) => break,
+            Err(_) if node_started => {
+                tracing::info!(run_id = %task.run_id, seq = task.seq, attempt = task.attempt,
+                    "an orchestrator node started while the report waited for an answer; asking again");
+                delay = REPORT_RETRY_FIRST;
+            }
             Err(e) => {
                 if tries == 1 || tries.is_multiple_of(20) {
                     tracing::warn!(error = %e, run_id = %task.run_id, seq = task.seq, attempt = task.attempt, tries,
@@ -831,6 +878,14 @@ async fn report_and_ack(
     // second report dropped as stale: the recorded report is what counts.
     if let Err(e) = faults::call("task ack", message.ack()).await {
         tracing::warn!(error = %e, "task ack failed (it may be redelivered; its report is recorded)");
+    }
+}
+
+/// Resolves when an orchestrator node announces its start; never once the pool stops (the
+/// announcements' watch is gone).
+async fn announced(starts: &mut tokio::sync::watch::Receiver<u64>) {
+    if starts.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

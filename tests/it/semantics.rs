@@ -1224,6 +1224,52 @@ async fn worker_shutdown_with_a_grace_period() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A report that an orchestrator node took and never answered (it died with it) is asked
+/// again as soon as a node announces its start, not after the worker's answer wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_a_dead_node_took_is_asked_again_when_a_node_starts() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let mut env = Env::start().await?;
+    let pool = grace_pool(&env, "grace-lost").await?;
+    env.start_wf("sem_graceful", "lost-report", json!(2_000))
+        .await?;
+    wait_until(|| seen("lost-report").contains(&"started".into())).await?;
+    // The node stops; in its place a subscriber takes the report and never answers.
+    if let Some(node) = env.node.take() {
+        node.stop().await;
+    }
+    let mut hole = env
+        .nc
+        .queue_subscribe(
+            baton_transport::subject::REPORT_ALL,
+            "baton-orchestrators".into(),
+        )
+        .await?;
+    env.nc.flush().await?;
+    // (Should the stopped node's subscription have taken it first, the worker asks again
+    // after its answer wait, and the hole takes that one.)
+    let taken = tokio::time::timeout(Duration::from_secs(30), hole.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the subscription ended"))?;
+    let taken_at = std::time::Instant::now();
+    assert!(taken.subject.starts_with("baton.report.") && taken.reply.is_some());
+    hole.unsubscribe().await?;
+    env.nc.flush().await?;
+    env.restart_node().await;
+    assert_eq!(env.outcome("lost-report").await?, json!("slept 2000 ms"));
+    let waited = taken_at.elapsed();
+    assert!(
+        waited < baton_actors::worker::REPORT_ANSWER_WAIT / 2,
+        "recorded {waited:?} after the dead node took the report: asked again only after the answer wait"
+    );
+    let evs = env.assert_replays("lost-report").await?;
+    assert_eq!(of_type(&evs, "activity_completed").len(), 1, "{evs:#?}");
+    assert_eq!(seen("lost-report"), vec!["started", "finished"]);
+    pool.stop().await;
+    env.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_under_the_orchestrator_loses_no_acknowledged_workflow() -> anyhow::Result<()> {
     let faults = baton_actors::storage::StorageFaults::none();

@@ -77,6 +77,11 @@ pub fn report(run_id: &str) -> String {
     format!("{REPORT_PREFIX}.{run_id}")
 }
 
+/// An orchestrator node announces here (core NATS; payload: its journal's mirror subject, empty when unmirrored) that
+/// it has started answering reports: a worker waiting for the answer to a report that a
+/// node which died took asks again at once instead of after its answer wait.
+pub const ORCHESTRATOR_STARTED: &str = "baton.orchestrator.started";
+
 /// Subject of a journal writer's mirror: its group commits, in order.
 pub fn journal_log(writer: &str) -> String {
     format!("baton.history.log.{writer}")
