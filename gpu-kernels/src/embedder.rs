@@ -19,6 +19,10 @@ use crate::{Compute, Error, mean_pool_normalize};
 
 /// Texts per inference call: [`Embedder::embed`] splits larger inputs into chunks of this size.
 const CHUNK: usize = 32;
+/// Fewest texts a part of a chunk spread over several sessions gets (see
+/// [`Embedder::embed`]): below this a thread and a model call of its own cost more than
+/// they save.
+const MIN_PART: usize = 4;
 /// Name of the model's output tensor, `[batch, seq, dim]`.
 const OUTPUT: &str = "last_hidden_state";
 
@@ -64,10 +68,42 @@ impl EmbedderConfig {
     }
 }
 
+/// Most sessions [`EmbedderConfig::worker_layout`] gives a worker (each holds its own copy
+/// of the model's buffers).
+pub const MAX_WORKER_SESSIONS: usize = 4;
+
+impl EmbedderConfig {
+    /// How a worker runs the model by default, as (sessions, intra-op threads each): one
+    /// single-threaded session per core, at most [`MAX_WORKER_SESSIONS`], the cores shared
+    /// out among them (2 cores: 2 x 1; 16 cores: 4 x 4). Concurrent calls then never make
+    /// the threads of one call wait, spinning, for a partner thread that another call or
+    /// the orchestration preempted, and a lone call still uses every core (its chunk is
+    /// spread over the free sessions). See BENCHMARKS.md, "Embedding throughput".
+    pub fn worker_layout() -> (usize, usize) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let sessions = cores.min(MAX_WORKER_SESSIONS);
+        (sessions, (cores / sessions).max(1))
+    }
+
+    /// [`from_home`](Self::from_home) with the [`worker_layout`](Self::worker_layout).
+    pub fn for_workers(baton_home: &Path) -> Self {
+        let (sessions, intra_threads) = Self::worker_layout();
+        EmbedderConfig {
+            sessions,
+            intra_threads,
+            ..Self::from_home(baton_home)
+        }
+    }
+}
+
 /// A sentence embedder: text in, unit-length 384-d vectors out.
 ///
-/// `Send + Sync`: share it behind an `Arc`. Up to [`EmbedderConfig::sessions`] calls run
-/// at once; more wait for a free session.
+/// `Send + Sync`: share it behind an `Arc`. Up to [`EmbedderConfig::sessions`] model calls
+/// run at once; more wait for a free session. On the CPU a chunk is spread over the
+/// sessions free when it starts, so one caller alone uses every session (one
+/// single-threaded session per core then loses nothing against one session with a thread
+/// per core, and concurrent callers do not make the threads of one call wait, spinning,
+/// for each other).
 pub struct Embedder {
     /// Truncates to `max_tokens` and pads to the longest text of a batch.
     tokenizer: Tokenizer,
@@ -328,19 +364,59 @@ impl Embedder {
     /// Embeds `texts` into unit-length vectors, one per text, in order.
     ///
     /// Texts longer than `max_tokens` tokens are truncated (see
-    /// [`token_count`](Self::token_count)). Runs in chunks of 32 texts; an empty slice
-    /// returns an empty vector without running the model.
+    /// [`token_count`](Self::token_count)). Runs in chunks of 32 texts, each spread over
+    /// the sessions free when it starts (on the CPU, in parts of at least 4 texts, one
+    /// thread each); an empty slice returns an empty vector without running the model.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error> {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(CHUNK) {
-            out.extend(self.embed_chunk(chunk, None)?);
+            out.extend(self.embed_spread(chunk)?);
         }
         Ok(out)
     }
 
+    /// One chunk, in as many parts as sessions are free now (at most one per
+    /// [`MIN_PART`] texts; one part on CUDA), run at once, the first on this thread.
+    fn embed_spread(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error> {
+        let parts = if self.on_cuda {
+            1
+        } else {
+            self.free_sessions().min(texts.len() / MIN_PART).max(1)
+        };
+        if parts == 1 {
+            return self.embed_chunk(texts, None);
+        }
+        let mut pieces = texts.chunks(texts.len().div_ceil(parts));
+        let first = pieces.next().unwrap_or_default();
+        std::thread::scope(|scope| {
+            let others: Vec<_> = pieces
+                .map(|piece| scope.spawn(move || self.embed_chunk(piece, None)))
+                .collect();
+            // Every part joined before any error returns (a scope whose thread panicked
+            // unjoined would panic itself).
+            let first = self.embed_chunk(first, None);
+            let others: Vec<_> = others.into_iter().map(|other| other.join()).collect();
+            let mut out = first?;
+            for other in others {
+                let vectors =
+                    other.map_err(|_| Error::Inference("a model call panicked".into()))??;
+                out.extend(vectors);
+            }
+            Ok(out)
+        })
+    }
+
+    /// How many sessions no call holds at this moment.
+    fn free_sessions(&self) -> usize {
+        self.sessions
+            .iter()
+            .filter(|s| !matches!(s.try_lock(), Err(TryLockError::WouldBlock)))
+            .count()
+    }
+
     /// [`embed`](Self::embed), with the pooling and normalisation run by `compute` (on the GPU
-    /// for [`Compute::Cuda`], whichever provider ran the encoder). Same results within float
-    /// rounding (1e-4).
+    /// for [`Compute::Cuda`], whichever provider ran the encoder), each chunk on one session.
+    /// Same results within float rounding (1e-4).
     pub fn embed_with(&self, texts: &[&str], compute: &Compute) -> Result<Vec<Vec<f32>>, Error> {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(CHUNK) {

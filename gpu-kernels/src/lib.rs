@@ -53,7 +53,7 @@ mod pooling;
 
 pub use compute::Compute;
 pub use device::{DeviceInfo, probe};
-pub use embedder::{Embedder, EmbedderConfig};
+pub use embedder::{Embedder, EmbedderConfig, MAX_WORKER_SESSIONS};
 pub use error::Error;
 pub use gpu::{Gpu, KERNELS_SOURCE, MAX_COSINE_DIM, kernels_ptx, nvrtc_version};
 pub use head::{LinearHead, head_forward_cpu, sgd_epoch_cpu, softmax, softmax_rows_cpu};

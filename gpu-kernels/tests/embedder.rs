@@ -114,6 +114,31 @@ fn batches_larger_than_a_chunk_keep_their_order() {
 }
 
 #[test]
+fn a_chunk_spread_over_the_free_sessions_matches_it_run_whole() {
+    // Two sessions of its own, so both are free: its chunks of 32 and of 8 go in two parts
+    // each. A one-session embedder runs them whole.
+    let two = Embedder::load(&common::config(2)).expect("load a two-session embedder");
+    let whole = Embedder::load(&common::config(1)).expect("load a one-session embedder");
+    let texts: Vec<String> = (0..40)
+        .map(|i| format!("text {i}: {}", "word ".repeat(i % 9)))
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let spread = two.embed(&refs).unwrap();
+    let expected = whole.embed(&refs).unwrap();
+    assert_eq!(spread.len(), 40);
+    for (i, (s, e)) in spread.iter().zip(&expected).enumerate() {
+        // Not bit-equal: the int8 model quantises over the whole batch, and each part
+        // pads to its own longest text.
+        let cos = cosine(s, e);
+        assert!(cos > 0.999, "text {i}: cosine {cos} with the whole chunk's");
+    }
+    // In order: each vector is nearer its own text's than the next text's.
+    for i in 0..39 {
+        assert!(cosine(&spread[i], &expected[i]) > cosine(&spread[i], &expected[i + 1]));
+    }
+}
+
+#[test]
 fn concurrent_callers_share_the_pool() {
     let emb = embedder();
     let texts = ["a cat sat on the mat", "stocks fell sharply today"];

@@ -240,15 +240,15 @@ impl CacheArgs {
 #[derive(clap::Args, Clone, Debug)]
 struct ModelArgs {
     /// ONNX Runtime sessions of the embedding model: how many model calls (a batch of
-    /// `run_inference`, a chunk of `compute_embeddings`) run at once in this worker.
-    #[arg(long, env = "BATON_MODEL_SESSIONS", default_value_t = 1,
+    /// `run_inference`, a chunk of `compute_embeddings`) run at once in this worker; a
+    /// lone call is spread over the free sessions. Default: one per core, at most 4.
+    #[arg(long, env = "BATON_MODEL_SESSIONS", default_value_t = default_layout().0,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     model_sessions: u16,
-    /// Intra-op threads of each session. On a CPU worker that serves concurrent work,
-    /// one single-threaded session per core (`--model-sessions <cores> --model-threads
-    /// 1`) avoids the threads of one call waiting, spinning, for each other: see
-    /// BENCHMARKS.md, "Embedding throughput".
-    #[arg(long, env = "BATON_MODEL_THREADS", default_value_t = 2,
+    /// Intra-op threads of each session. Default: the cores shared out among the sessions
+    /// (1 on up to 4 cores): single-threaded sessions keep the threads of one call from
+    /// waiting, spinning, for each other (BENCHMARKS.md, "Embedding throughput").
+    #[arg(long, env = "BATON_MODEL_THREADS", default_value_t = default_layout().1,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     model_threads: u16,
     /// Most `run_inference` texts embedded in one forward pass (1: one at a time). The
@@ -323,6 +323,15 @@ pub fn baton_home() -> PathBuf {
         }
     }
     cwd
+}
+
+/// The default of `--model-sessions` and `--model-threads`: [`EmbedderConfig::worker_layout`].
+fn default_layout() -> (u16, u16) {
+    let (sessions, threads) = baton_gpu_kernels::EmbedderConfig::worker_layout();
+    (
+        u16::try_from(sessions.min(64)).unwrap_or(1),
+        u16::try_from(threads.min(256)).unwrap_or(1),
+    )
 }
 
 /// The process's models (loaded lazily) and, once [`open_index`] set it, its vector index.
@@ -853,7 +862,7 @@ fn print_result(r: ResultReply) -> anyhow::Result<()> {
 mod tests {
     use clap::Parser;
 
-    use super::{Cli, Cmd, abridge};
+    use super::{Cli, Cmd, abridge, default_layout};
 
     fn worker_model(args: &[&str]) -> Result<(u16, u16), clap::Error> {
         let argv = ["baton", "worker", "--queue", "gpu"].iter().chain(args);
@@ -865,7 +874,11 @@ mod tests {
 
     #[test]
     fn model_sessions_and_threads_default_and_bounds() {
-        assert_eq!(worker_model(&[]).unwrap(), (1, 2));
+        let (sessions, threads) = worker_model(&[]).unwrap();
+        assert_eq!((sessions, threads), default_layout());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(sessions >= 1 && usize::from(sessions) <= cores.min(4));
+        assert!(usize::from(sessions) * usize::from(threads) <= cores.max(1));
         assert_eq!(
             worker_model(&["--model-sessions", "2", "--model-threads", "1"]).unwrap(),
             (2, 1)

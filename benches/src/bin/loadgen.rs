@@ -11,10 +11,10 @@
 //!
 //! With `--compare-bare-embedder`, each measured run of `batch_embed` is followed by a run of
 //! a bare `baton_gpu_kernels::Embedder` loaded in this process (the same model and settings
-//! as the GPU pool's: 2 intra-op threads, one session) on the same texts in batches of 32,
-//! while Baton is idle: texts/s through the workflow vs texts/s of the bare embedder, as a
-//! ratio measured in one run. Compare at C = 1 and 2: Baton's pool has one session, so more
-//! concurrent workflows only queue for it.
+//! as the GPU pool's: `EmbedderConfig::worker_layout`, one single-threaded session per
+//! core, at most 4, a lone call spread over them) on the same texts in batches of 32, one
+//! call at a time, while Baton is idle: texts/s through the workflow vs texts/s of the bare
+//! embedder, as a ratio measured in one run.
 
 use std::{
     collections::HashMap,
@@ -77,7 +77,7 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// For `batch_embed`: after each measured run, embed the same texts with a bare
-    /// `Embedder` in this process (2 intra-op threads, one session, batches of 32) while
+    /// `Embedder` in this process (the GPU pool's model settings, batches of 32) while
     /// Baton is idle, and report both in texts/s with their ratio.
     #[arg(long)]
     compare_bare_embedder: bool,
@@ -115,13 +115,25 @@ fn own_cpu_s() -> f64 {
 const BATCH_TEXTS: usize = 32;
 
 /// The bare embedder of `--compare-bare-embedder`, configured as Baton's GPU pool
-/// configures its own (`Models::new`: 2 intra-op threads, one session), and warmed up.
+/// configures its own (`EmbedderConfig::for_workers`, or `BATON_MODEL_SESSIONS` /
+/// `BATON_MODEL_THREADS` when set: the spawned dev inherits them), and warmed up.
 fn load_bare_embedder(home: &std::path::Path) -> anyhow::Result<Arc<Embedder>> {
+    let (sessions, threads) = EmbedderConfig::worker_layout();
+    let setting = |name: &str, default: usize| -> anyhow::Result<usize> {
+        match std::env::var(name) {
+            Ok(v) => v.parse().with_context(|| format!("{name}={v:?}")),
+            Err(_) => Ok(default),
+        }
+    };
     let cfg = EmbedderConfig {
-        intra_threads: 2,
-        sessions: 1,
+        sessions: setting("BATON_MODEL_SESSIONS", sessions)?,
+        intra_threads: setting("BATON_MODEL_THREADS", threads)?,
         ..EmbedderConfig::from_home(home)
     };
+    eprintln!(
+        "bare embedder: {} session(s) x {} intra-op thread(s)",
+        cfg.sessions, cfg.intra_threads
+    );
     let embedder = Embedder::load(&cfg)
         .with_context(|| format!("loading the bare embedder from {}", home.display()))?;
     for i in 0..4 {

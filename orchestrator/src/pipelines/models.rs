@@ -186,14 +186,11 @@ impl std::fmt::Debug for Models {
 }
 
 impl Models {
-    /// Models from the layout `cargo xtask setup` creates under `baton_home`, run with 2
-    /// intra-op threads and one session.
+    /// Models from the layout `cargo xtask setup` creates under `baton_home`, the embedder
+    /// run as [`EmbedderConfig::worker_layout`] says (one single-threaded session per core,
+    /// at most 4).
     pub fn new(baton_home: impl AsRef<Path>) -> Models {
-        let config = EmbedderConfig {
-            intra_threads: 2,
-            ..EmbedderConfig::from_home(baton_home.as_ref())
-        };
-        Models::with_config(config)
+        Models::with_config(EmbedderConfig::for_workers(baton_home.as_ref()))
     }
 
     /// Models from an explicit embedder configuration.
