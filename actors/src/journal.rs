@@ -323,7 +323,19 @@ impl LastCommit {
 /// A run created by a continue-as-new, with its first events.
 type Successor = Box<(RunRecord, Vec<Event>)>;
 
+/// What the journal's writer is asked.
 enum Request {
+    /// A write, committed in a group with the others waiting.
+    Write(Write),
+    /// Answered once the two stores agree (see [`Journal::reconcile_mirror`]); taken out
+    /// of its group before the commit.
+    Reconcile {
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+}
+
+/// A write of a commit group.
+enum Write {
     Start {
         record: Box<RunRecord>,
         events: Vec<Event>,
@@ -334,10 +346,6 @@ enum Request {
         run_id: String,
         events: Vec<Event>,
         successor: Option<Successor>,
-        reply: oneshot::Sender<Result<(), Error>>,
-    },
-    /// Answered once the two stores agree (see [`Journal::reconcile_mirror`]).
-    Reconcile {
         reply: oneshot::Sender<Result<(), Error>>,
     },
 }
@@ -531,12 +539,12 @@ impl Journal {
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request::Start {
+            .send(Request::Write(Write::Start {
                 record: Box::new(record),
                 events,
                 policies,
                 reply,
-            })
+            }))
             .await
             .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
@@ -560,12 +568,12 @@ impl Journal {
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request::Append {
+            .send(Request::Write(Write::Append {
                 run_id: run_id.into(),
                 events,
                 successor: successor.map(Box::new),
                 reply,
-            })
+            }))
             .await
             .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
@@ -723,7 +731,7 @@ impl Writer {
             for req in requests {
                 match req {
                     Request::Reconcile { reply } => reconciles.push(reply),
-                    other => group.push(other),
+                    Request::Write(write) => group.push(write),
                 }
             }
             let reconciled = if self.dirty.load(Ordering::Acquire) {
@@ -754,7 +762,7 @@ impl Writer {
     /// Commits a group to redb in one transaction and mirrors what it wrote as one message
     /// published while redb syncs (see [`commit`]), then answers each request: written
     /// requests only once both stores hold them.
-    async fn commit_group(&mut self, group: Vec<Request>) {
+    async fn commit_group(&mut self, group: Vec<Write>) {
         let store = self.db.clone();
         let number = self.next_group;
         let framing = self.mirror.as_ref().map(|m| Framing {
@@ -809,26 +817,31 @@ impl Writer {
         let (starts, appends): (Vec<_>, Vec<_>) = group
             .into_iter()
             .zip(outcomes)
-            .partition(|(req, _)| matches!(req, Request::Start { .. }));
+            .partition(|(req, _)| matches!(req, Write::Start { .. }));
         // Marked before anyone is answered: a run is rebuilt from redb only once the stores
         // agree.
         if let Err(e) = &stored {
-            tracing::error!(error = %e, group = number, "journal mirror publish failed");
-            self.set_dirty();
+            self.mirror_failed(e, number);
         }
         answer(appends, stored.as_ref().err().cloned());
         // Then the starts, now that redb has decided them.
         if stored.is_ok() && !mirrored.starts.is_empty() {
             stored = self.publish_parts(mirrored.starts).await;
             if let Err(e) = &stored {
-                tracing::error!(error = %e, group = number, "journal mirror publish failed");
-                self.set_dirty();
+                self.mirror_failed(e, number);
             }
         }
         if stored.is_ok() {
             self.failing.store(false, Ordering::Release);
         }
         answer(starts, stored.err());
+    }
+
+    /// A mirror publish of group `number` failed: logged, and the stores marked to be
+    /// compared before the next write.
+    fn mirror_failed(&self, e: &Error, number: u64) {
+        tracing::error!(error = %e, group = number, "journal mirror publish failed");
+        self.set_dirty();
     }
 
     fn advance(&mut self, seq: u64) {
@@ -1188,7 +1201,7 @@ enum Outcome {
     Refused(Error),
 }
 
-type Committed = (Vec<Request>, Vec<Outcome>, Mirrored);
+type Committed = (Vec<Write>, Vec<Outcome>, Mirrored);
 
 /// Adds what a request wrote of a run to the group's mirror entries.
 fn add_entry<'g>(entries: &mut Vec<RunEntry<'g>>, record: RunRecord, events: &'g [Event]) {
@@ -1235,11 +1248,11 @@ fn fits_mirror(framing: Option<&Framing>, record: &[u8], events: &[Vec<u8>]) -> 
 /// its starts, returned to be published once redb has decided them.
 fn commit(
     db: &Database,
-    group: Vec<Request>,
+    group: Vec<Write>,
     number: u64,
     framing: Option<&Framing>,
     early: oneshot::Sender<Vec<u8>>,
-) -> Result<Committed, (Vec<Request>, Error)> {
+) -> Result<Committed, (Vec<Write>, Error)> {
     let run = || -> Result<(Vec<Outcome>, Mirrored), Error> {
         // Without redb's quick-repair: it would spare the walk of the file when opening
         // after a crash (0.4 s for 100k runs) at the price of a second fsync in every
@@ -1256,12 +1269,7 @@ fn commit(
             let mut open = txn.open_table(OPEN).map_err(storage)?;
             for req in &group {
                 match req {
-                    Request::Reconcile { .. } => {
-                        outcomes.push(Outcome::Refused(Error::Invalid(
-                            "a reconciliation in a commit group".into(),
-                        )));
-                    }
-                    Request::Start {
+                    Write::Start {
                         record,
                         events,
                         policies,
@@ -1310,7 +1318,7 @@ fn commit(
                         add_entry(&mut started, (**record).clone(), events);
                         outcomes.push(Outcome::Written);
                     }
-                    Request::Append {
+                    Write::Append {
                         run_id,
                         events,
                         successor,
@@ -1552,26 +1560,25 @@ impl<'a> NewRun<'a> {
     }
 }
 
-fn fail_all(group: Vec<Request>, e: Error) {
+fn fail_all(group: Vec<Write>, e: Error) {
     for req in group {
         match req {
-            Request::Start { reply, .. } => drop(reply.send(Err(e.clone()))),
-            Request::Append { reply, .. } => drop(reply.send(Err(e.clone()))),
-            Request::Reconcile { reply } => drop(reply.send(Err(e.clone()))),
+            Write::Start { reply, .. } => drop(reply.send(Err(e.clone()))),
+            Write::Append { reply, .. } => drop(reply.send(Err(e.clone()))),
         }
     }
 }
 
 /// Answers a committed group's requests; `mirror`: the failure of their mirror publish, if
 /// it failed (every written request is answered with it).
-fn answer(group: Vec<(Request, Outcome)>, mirror: Option<Error>) {
+fn answer(group: Vec<(Write, Outcome)>, mirror: Option<Error>) {
     let written = || match &mirror {
         Some(e) => Err(e.clone()),
         None => Ok(()),
     };
     for (req, outcome) in group {
         match req {
-            Request::Start { reply, .. } => {
+            Write::Start { reply, .. } => {
                 let r = match outcome {
                     Outcome::Written => written().map(|()| StartOutcome::Started),
                     Outcome::Existing(outcome) => Ok(outcome),
@@ -1579,7 +1586,7 @@ fn answer(group: Vec<(Request, Outcome)>, mirror: Option<Error>) {
                 };
                 let _ = reply.send(r);
             }
-            Request::Append { reply, .. } => {
+            Write::Append { reply, .. } => {
                 let r = match outcome {
                     Outcome::Written => written(),
                     Outcome::Existing(_) => {
@@ -1588,11 +1595,6 @@ fn answer(group: Vec<(Request, Outcome)>, mirror: Option<Error>) {
                     Outcome::Refused(e) => Err(e),
                 };
                 let _ = reply.send(r);
-            }
-            Request::Reconcile { reply } => {
-                let _ = reply.send(Err(Error::Invalid(
-                    "a reconciliation in a commit group".into(),
-                )));
             }
         }
     }
