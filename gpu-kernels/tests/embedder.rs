@@ -139,6 +139,51 @@ fn a_chunk_spread_over_the_free_sessions_matches_it_run_whole() {
 }
 
 #[test]
+fn concurrent_callers_spreading_their_chunks_neither_block_nor_mix_them_up() {
+    // Four callers of 40 texts each on two sessions: each chunk is spread over whichever
+    // sessions are free when it starts (a part holds one session at a time, so callers
+    // never wait on each other in a cycle), and every caller gets its own texts' vectors.
+    let emb = embedder();
+    let batches: Vec<Vec<String>> = (0..4)
+        .map(|c| {
+            (0..40)
+                .map(|i| format!("caller {c} asks about topic {i}"))
+                .collect()
+        })
+        .collect();
+    let alone: Vec<Vec<Vec<f32>>> = batches
+        .iter()
+        .map(|b| {
+            b.iter()
+                .map(|t| emb.embed(&[t.as_str()]).unwrap().remove(0))
+                .collect()
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = batches
+            .iter()
+            .map(|b| {
+                s.spawn(move || {
+                    let refs: Vec<&str> = b.iter().map(String::as_str).collect();
+                    emb.embed(&refs).unwrap()
+                })
+            })
+            .collect();
+        for (c, h) in handles.into_iter().enumerate() {
+            let got = h.join().unwrap();
+            assert_eq!(got.len(), 40);
+            for (i, (g, e)) in got.iter().zip(&alone[c]).enumerate() {
+                let cos = cosine(g, e);
+                assert!(
+                    cos > 0.999,
+                    "caller {c}, text {i}: cosine {cos} with its solo embedding"
+                );
+            }
+        }
+    });
+}
+
+#[test]
 fn concurrent_callers_share_the_pool() {
     let emb = embedder();
     let texts = ["a cat sat on the mat", "stocks fell sharply today"];
