@@ -6,6 +6,10 @@
 //!   runner that misses its heartbeat deadline or overruns its start-to-close timeout and
 //!   reports the attempt failed. A runner that panics is reported failed at once.
 //! - While a task runs, the pool tells JetStream every second that it is in progress.
+//! - The pool actor awaits no KV write: heartbeat details go through a writer task per
+//!   attempt ([`DetailsWriter`], flushed before the attempt reports), liveness puts are
+//!   spawned, and the runner reads an earlier attempt's details. A pool that awaited these
+//!   fsync'd writes held every slot's start, heartbeat and result behind each of them.
 //! - A finished attempt's report is a request to the orchestrator (`baton.report.<run_id>`),
 //!   answered once the journal holds its outcome; a reporter task asks until it is
 //!   answered, still telling JetStream that the task is in progress, and only then acks the
@@ -349,6 +353,51 @@ struct Running {
     liveness_written: Option<Instant>,
     /// Set when the pool killed the runner, with the failure to report.
     killed: Option<Failure>,
+    /// Stores the attempt's heartbeat details, once it sends some.
+    details: Option<DetailsWriter>,
+}
+
+/// Stores an attempt's heartbeat details in `BATON_HEARTBEATS` in the order the activity
+/// sent them, off the pool actor: a put is an fsync'd JetStream write, and a pool that
+/// awaited it would hold every other slot's start, heartbeat and result behind it. Details
+/// sent while a put is under way are coalesced to the latest (only the last one is ever
+/// read: by a later attempt, to resume). The attempt's report waits for [`Self::flush`], so
+/// details are durable before the orchestrator learns the attempt ended and can start
+/// another.
+struct DetailsWriter {
+    tx: tokio::sync::mpsc::UnboundedSender<Payload>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl DetailsWriter {
+    fn spawn(kv: jetstream::kv::Store, task: &ActivityTask) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Payload>();
+        let key = heartbeat_key(&task.run_id, task.seq);
+        let (run_id, seq) = (task.run_id.clone(), task.seq);
+        let done = tokio::spawn(async move {
+            while let Some(mut details) = rx.recv().await {
+                while let Ok(newer) = rx.try_recv() {
+                    details = newer;
+                }
+                let put = kv.put(key.clone(), details.0.into());
+                if let Err(e) = faults::call("heartbeat details put", put).await {
+                    tracing::warn!(error = %e, %run_id, seq, "heartbeat details not stored");
+                }
+            }
+        });
+        DetailsWriter { tx, done }
+    }
+
+    fn send(&self, details: Payload) {
+        // The writer ends only once this sender is dropped.
+        let _ = self.tx.send(details);
+    }
+
+    /// Waits until every detail sent is stored (or failed to be).
+    async fn flush(self) {
+        drop(self.tx);
+        let _ = self.done.await;
+    }
 }
 
 /// The pool actor.
@@ -445,12 +494,13 @@ impl Actor for Pool {
                 if let Some(r) = state.running.get_mut(&key) {
                     r.last_heartbeat = Instant::now();
                     if let Some(details) = details {
-                        // Durable before the activity goes on: a later attempt resumes here.
-                        let k = heartbeat_key(&r.task.run_id, r.task.seq);
-                        let put = state.args.streams.heartbeats.put(k, details.0.into());
-                        if let Err(e) = faults::call("heartbeat details put", put).await {
-                            tracing::warn!(error = %e, run_id = %r.task.run_id, seq = r.task.seq, "heartbeat details not stored");
-                        }
+                        // Stored before the attempt is reported (a later attempt resumes
+                        // here), without holding the pool.
+                        r.details
+                            .get_or_insert_with(|| {
+                                DetailsWriter::spawn(state.args.streams.heartbeats.clone(), &r.task)
+                            })
+                            .send(details);
                     }
                 }
             }
@@ -464,7 +514,7 @@ impl Actor for Pool {
                         Ok(result) => ActivityOutcome::Completed { result },
                         Err(e) => ActivityOutcome::Failed { failure: e.into() },
                     };
-                    finish(state, r.task, r.message, r.started, outcome);
+                    finish(state, r.task, r.message, r.started, outcome, r.details);
                     fetch(&myself, state);
                 }
             }
@@ -512,6 +562,7 @@ impl Actor for Pool {
             r.message,
             r.started,
             ActivityOutcome::Failed { failure },
+            r.details,
         );
         fetch(&myself, state);
         Ok(())
@@ -642,6 +693,7 @@ async fn start_task(
             message,
             Instant::now(),
             ActivityOutcome::Failed { failure },
+            None,
         );
         return Ok(());
     };
@@ -653,23 +705,6 @@ async fn start_task(
         activity: task.activity.clone(),
         seq: task.seq,
         attempt: task.attempt,
-    };
-    // Activities that heartbeat may resume from the details an earlier attempt recorded.
-    let details = match task.heartbeat_timeout_ms {
-        Some(_) => match state
-            .args
-            .streams
-            .heartbeats
-            .get(heartbeat_key(&task.run_id, task.seq))
-            .await
-        {
-            Ok(d) => d.map(|b| Payload(b.to_vec())),
-            Err(e) => {
-                tracing::warn!(error = %e, "heartbeat details not readable; starting from scratch");
-                None
-            }
-        },
-        None => None,
     };
     let pool = myself.clone();
     // The workflow's cancellation reaches the activity at its heartbeats (and at once when
@@ -686,7 +721,6 @@ async fn start_task(
         }
         let _ = pool.send_message(PoolMsg::Heartbeat { key, details });
     })
-    .with_details(details)
     .with_cancel_flag(cancelled);
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
     tracing::info!(activity = %task.activity, workflow_id = %task.workflow_id, run_id = %task.run_id, seq = task.seq,
@@ -697,11 +731,19 @@ async fn start_task(
         input: task.input.clone(),
         key,
         pool: myself.clone(),
+        // Activities that heartbeat may resume from the details an earlier attempt stored;
+        // the runner reads them, so the pool does not wait on the read.
+        resume: task.heartbeat_timeout_ms.map(|_| {
+            (
+                state.args.streams.heartbeats.clone(),
+                heartbeat_key(&task.run_id, task.seq),
+            )
+        }),
     };
     // The orchestrator watches this attempt's start and heartbeats: tell it it started.
     let watched = task.liveness || task.heartbeat_timeout_ms.is_some();
     if watched {
-        write_liveness(state, &task).await;
+        write_liveness(state, &task);
     }
     let (runner, _) = Actor::spawn_linked(None, Runner, args, myself.get_cell()).await?;
     let now = Instant::now();
@@ -716,14 +758,18 @@ async fn start_task(
             last_heartbeat: now,
             liveness_written: watched.then_some(now),
             killed: None,
+            details: None,
         },
     );
     Ok(())
 }
 
 /// Records in `BATON_LIVENESS` that this worker runs the task's attempt (the entry's server
-/// time says when).
-async fn write_liveness(state: &PoolState, task: &ActivityTask) {
+/// time says when). The put (an fsync'd JetStream write) runs on its own task: the pool
+/// does not wait for it. Puts of one attempt carry the same value, so their order does not
+/// matter; one that fails only makes the orchestrator's view of the attempt older, which
+/// the next heartbeat's put refreshes.
+fn write_liveness(state: &PoolState, task: &ActivityTask) {
     let live = Liveness {
         attempt: task.attempt,
         worker: state.args.options.worker_id.clone(),
@@ -736,10 +782,13 @@ async fn write_liveness(state: &PoolState, task: &ActivityTask) {
         }
     };
     let key = heartbeat_key(&task.run_id, task.seq);
-    let put = state.args.streams.liveness.put(key, bytes.into());
-    if let Err(e) = faults::call("liveness put", put).await {
-        tracing::warn!(error = %e, run_id = %task.run_id, seq = task.seq, "liveness not stored");
-    }
+    let kv = state.args.streams.liveness.clone();
+    let (run_id, seq) = (task.run_id.clone(), task.seq);
+    tokio::spawn(async move {
+        if let Err(e) = faults::call("liveness put", kv.put(key, bytes.into())).await {
+            tracing::warn!(error = %e, %run_id, seq, "liveness not stored");
+        }
+    });
 }
 
 /// How long a reporter waits for the orchestrator's answer before asking again, unless an
@@ -753,14 +802,16 @@ const REPORT_RETRY_MAX: Duration = Duration::from_secs(2);
 /// `TASK_ACK_WAIT`).
 const REPORT_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// Hands an attempt's outcome to a reporter task, which asks the orchestrator to record it
-/// and then acks the task (see [`report_and_ack`]). The pool goes on at once: the slot is free.
+/// Hands an attempt's outcome to a reporter task, which waits until the attempt's heartbeat
+/// details are stored, asks the orchestrator to record the outcome and then acks the task
+/// (see [`report_and_ack`]). The pool goes on at once: the slot is free.
 fn finish(
     state: &PoolState,
     task: ActivityTask,
     message: jetstream::Message,
     started: Instant,
     outcome: ActivityOutcome,
+    details: Option<DetailsWriter>,
 ) {
     let mut report = ActivityReport {
         workflow_id: task.workflow_id.clone(),
@@ -799,6 +850,9 @@ fn finish(
     starts.mark_unchanged();
     reporting.fetch_add(1, Ordering::AcqRel);
     tokio::spawn(async move {
+        if let Some(details) = details {
+            details.flush().await;
+        }
         report_and_ack(&client, &task, &message, bytes.into(), starts).await;
         reporting.fetch_sub(1, Ordering::AcqRel);
         tracing::info!(activity = %task.activity, run_id = %task.run_id, seq = task.seq, attempt = task.attempt, outcome,
@@ -962,8 +1016,8 @@ async fn tick(state: &mut PoolState) {
         .map(|(k, _)| *k)
         .collect();
     for key in fresh {
-        if let Some(task) = state.running.get(&key).map(|r| r.task.clone()) {
-            write_liveness(state, &task).await;
+        if let Some(r) = state.running.get(&key) {
+            write_liveness(state, &r.task);
         }
         if let Some(r) = state.running.get_mut(&key) {
             r.liveness_written = Some(now);
@@ -987,6 +1041,9 @@ pub struct RunnerArgs {
     input: Payload,
     key: u64,
     pool: ActorRef<PoolMsg>,
+    /// Where an earlier attempt's heartbeat details may be stored, for an activity that
+    /// heartbeats.
+    resume: Option<(jetstream::kv::Store, String)>,
 }
 
 impl Actor for Runner {
@@ -1012,7 +1069,20 @@ impl Actor for Runner {
         let Some(args) = state.take() else {
             return Ok(());
         };
-        let result = (args.f)(args.ctx, args.input).await;
+        let ctx = match args.resume {
+            Some((kv, key)) => {
+                let details = match kv.get(key).await {
+                    Ok(d) => d.map(|b| Payload(b.to_vec())),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "heartbeat details not readable; starting from scratch");
+                        None
+                    }
+                };
+                args.ctx.with_details(details)
+            }
+            None => args.ctx,
+        };
+        let result = (args.f)(ctx, args.input).await;
         let _ = args.pool.send_message(PoolMsg::Finished {
             key: args.key,
             result,

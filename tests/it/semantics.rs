@@ -34,6 +34,8 @@ const ECHO: ActivityDef<String, String> = ActivityDef::new("sem_echo");
 const SHOUT: ActivityDef<String, String> = ActivityDef::new("sem_shout");
 const ALWAYS_FAILS: ActivityDef<String, String> = ActivityDef::new("sem_always_fails");
 const HANGS_ONCE: ActivityDef<u32, u32> = ActivityDef::new("sem_hangs_once");
+const CHECKPOINTS_THEN_FAILS: ActivityDef<u32, u32> =
+    ActivityDef::new("sem_checkpoints_then_fails");
 const FLAKY_CHILD_STEP: ActivityDef<String, String> = ActivityDef::new("sem_flaky_child_step");
 const UNPOLLED: ActivityDef<String, String> = ActivityDef::new("sem_unpolled");
 const GRACEFUL: ActivityDef<u64, String> = ActivityDef::new("sem_graceful");
@@ -238,6 +240,11 @@ async fn parent(ctx: WorkflowContext, scenario: String) -> Result<String, Workfl
     })
 }
 
+/// An activity that records many heartbeat details and fails at once on its first attempt.
+async fn checkpoints(ctx: WorkflowContext, n: u32) -> Result<u32, WorkflowError> {
+    Ok(ctx.activity(&CHECKPOINTS_THEN_FAILS, &n).await?)
+}
+
 /// Calls an activity that always fails; reports the final error.
 async fn give_up(ctx: WorkflowContext, _: ()) -> Result<String, WorkflowError> {
     match ctx.activity(&ALWAYS_FAILS, &"x".to_string()).await {
@@ -316,6 +323,7 @@ fn registry() -> Registry {
     r.workflow("sem_parent", parent).unwrap();
     r.workflow("sem_give_up", give_up).unwrap();
     r.workflow("sem_heartbeats", heartbeats).unwrap();
+    r.workflow("sem_checkpoints", checkpoints).unwrap();
     let options = ActivityOptions::new(QUEUE, Duration::from_secs(60), quick_retry(3));
     // Heartbeats every 50 ms for `ms`; stops at the first heartbeat after a cancellation.
     r.activity(
@@ -368,6 +376,36 @@ fn registry() -> Registry {
             // Silent past the heartbeat timeout: the pool kills this attempt.
             tokio::time::sleep(Duration::from_secs(20)).await;
             Ok(0)
+        },
+    )
+    .unwrap();
+    r.activity(
+        &CHECKPOINTS_THEN_FAILS,
+        // Retried after 1 ms: sooner than the details' puts take.
+        ActivityOptions::new(
+            QUEUE,
+            Duration::from_secs(30),
+            RetryPolicy::exponential(Duration::from_millis(1), 1.0, 3),
+        )
+        .heartbeat_timeout(Duration::from_secs(10)),
+        |ctx: ActivityContext, n: u32| async move {
+            if let Some((resumed, _)) = ctx.heartbeat_details::<(u32, String)>() {
+                return Ok(resumed * 10 + ctx.info().attempt);
+            }
+            // Details 1..=n of 6 MiB each, slow to store: each sent while the one before
+            // is being stored, the last one followed at once by an error. The retry must
+            // see the last one.
+            let bulk = "x".repeat(6 << 20);
+            for i in 1..=n {
+                if i > 1 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                ctx.heartbeat_with(&(i, &bulk));
+            }
+            Err(ActivityError::retryable(
+                "Checkpointed",
+                "fails after its checkpoints",
+            ))
         },
     )
     .unwrap();
@@ -898,6 +936,12 @@ async fn activity_retries_and_heartbeat_timeouts() -> anyhow::Result<()> {
     let failed = of_type(&evs, "activity_failed");
     assert_eq!(failed.len(), 1, "{evs:#?}");
     assert_eq!(failed[0]["failure"]["kind"], "HeartbeatTimeout");
+    // Heartbeat details are stored in order, before the attempt's outcome is reported: an
+    // attempt that records 3 and fails at once is retried from the 3rd.
+    env.start_wf("sem_checkpoints", "ckpt-1", json!(3)).await?;
+    assert_eq!(env.outcome("ckpt-1").await?, json!(32));
+    let evs = env.assert_replays("ckpt-1").await?;
+    assert_eq!(of_type(&evs, "activity_failed").len(), 1, "{evs:#?}");
     env.stop().await;
     Ok(())
 }
