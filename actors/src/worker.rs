@@ -850,10 +850,7 @@ fn finish(
     starts.mark_unchanged();
     reporting.fetch_add(1, Ordering::AcqRel);
     tokio::spawn(async move {
-        if let Some(details) = details {
-            details.flush().await;
-        }
-        report_and_ack(&client, &task, &message, bytes.into(), starts).await;
+        report_and_ack(&client, &task, &message, bytes.into(), starts, details).await;
         reporting.fetch_sub(1, Ordering::AcqRel);
         tracing::info!(activity = %task.activity, run_id = %task.run_id, seq = task.seq, attempt = task.attempt, outcome,
             ms = started.elapsed().as_millis() as u64, "activity finished");
@@ -867,13 +864,15 @@ fn finish(
 /// waits here, held in memory: if this process dies first, the unacked task is redelivered
 /// and the attempt runs again. A node that took the request and died never answers: when
 /// `starts` says an orchestrator node started meanwhile, the report is asked again at once
-/// (asking twice is harmless: a recorded report is answered settled).
+/// (asking twice is harmless: a recorded report is answered settled). First it waits until
+/// the attempt's heartbeat details are stored, so a later attempt resumes from the last.
 async fn report_and_ack(
     client: &async_nats::Client,
     task: &ActivityTask,
     message: &jetstream::Message,
     bytes: bytes::Bytes,
     mut starts: tokio::sync::watch::Receiver<u64>,
+    details: Option<DetailsWriter>,
 ) {
     let subject = subject::report(&task.run_id);
     let mut delay = REPORT_RETRY_FIRST;
@@ -881,6 +880,9 @@ async fn report_and_ack(
         tokio::time::Instant::now() + REPORT_PROGRESS_EVERY,
         REPORT_PROGRESS_EVERY,
     );
+    if let Some(details) = details {
+        with_progress(details.flush(), message, &mut progress).await;
+    }
     for tries in 1u32.. {
         let mut node_started = false;
         let ask = faults::call("report request", async {
