@@ -743,7 +743,7 @@ async fn start_task(
     // The orchestrator watches this attempt's start and heartbeats: tell it it started.
     let watched = task.liveness || task.heartbeat_timeout_ms.is_some();
     if watched {
-        write_liveness(state, &task);
+        write_liveness(&state.args, &task);
     }
     let (runner, _) = Actor::spawn_linked(None, Runner, args, myself.get_cell()).await?;
     let now = Instant::now();
@@ -769,10 +769,10 @@ async fn start_task(
 /// does not wait for it. Puts of one attempt carry the same value, so their order does not
 /// matter; one that fails only makes the orchestrator's view of the attempt older, which
 /// the next heartbeat's put refreshes.
-fn write_liveness(state: &PoolState, task: &ActivityTask) {
+fn write_liveness(args: &PoolArgs, task: &ActivityTask) {
     let live = Liveness {
         attempt: task.attempt,
-        worker: state.args.options.worker_id.clone(),
+        worker: args.options.worker_id.clone(),
     };
     let bytes = match codec::encode(&live) {
         Ok(b) => b,
@@ -782,7 +782,7 @@ fn write_liveness(state: &PoolState, task: &ActivityTask) {
         }
     };
     let key = heartbeat_key(&task.run_id, task.seq);
-    let kv = state.args.streams.liveness.clone();
+    let kv = args.streams.liveness.clone();
     let (run_id, seq) = (task.run_id.clone(), task.seq);
     tokio::spawn(async move {
         if let Err(e) = faults::call("liveness put", kv.put(key, bytes.into())).await {
@@ -1009,19 +1009,9 @@ async fn tick(state: &mut PoolState) {
     }
     // Heartbeats since the last tick reach the orchestrator (at most one write a second
     // per watched attempt).
-    let fresh: Vec<u64> = state
-        .running
-        .iter()
-        .filter(|(_, r)| {
-            r.killed.is_none() && r.liveness_written.is_some_and(|w| r.last_heartbeat > w)
-        })
-        .map(|(k, _)| *k)
-        .collect();
-    for key in fresh {
-        if let Some(r) = state.running.get(&key) {
-            write_liveness(state, &r.task);
-        }
-        if let Some(r) = state.running.get_mut(&key) {
+    for r in state.running.values_mut() {
+        if r.killed.is_none() && r.liveness_written.is_some_and(|w| r.last_heartbeat > w) {
+            write_liveness(&state.args, &r.task);
             r.liveness_written = Some(now);
         }
     }

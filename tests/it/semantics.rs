@@ -240,7 +240,8 @@ async fn parent(ctx: WorkflowContext, scenario: String) -> Result<String, Workfl
     })
 }
 
-/// An activity that records many heartbeat details and fails at once on its first attempt.
+/// An activity that records heartbeat details slow to store and fails at once on its first
+/// attempt.
 async fn checkpoints(ctx: WorkflowContext, n: u32) -> Result<u32, WorkflowError> {
     Ok(ctx.activity(&CHECKPOINTS_THEN_FAILS, &n).await?)
 }
