@@ -1920,6 +1920,7 @@ impl ExecState {
         if let Some(close) = close {
             tracing::info!(workflow_id = %self.run.workflow_id, run_id = %self.run.run_id,
                 outcome = close.kind.name(), "workflow closed");
+            stage!("workflow.closed", workflow = %self.run.workflow_id, run = %self.run.run_id);
             if let Some((record, first)) = successor {
                 tracing::info!(workflow_id = %record.workflow_id, run_id = %record.run_id, "continued as new");
                 self.rt.spawn_run(record, first);
@@ -1978,14 +1979,17 @@ impl ExecState {
                 return Ok(false);
             }
             tracing::info!(workflow_id = %self.run.workflow_id, run_id = %self.run.run_id, "workflow started");
+            stage!("start.committed", workflow = %self.run.workflow_id, run = %self.run.run_id);
             if fuse || events.is_empty() {
                 return Ok(true);
             }
         }
+        stage!("journal.append", run = %self.run.run_id, events = events.len());
         self.rt
             .journal
             .append_with(&self.run.run_id, events.to_vec(), successor)
             .await?;
+        stage!("journal.appended", run = %self.run.run_id);
         Ok(true)
     }
 
@@ -2038,6 +2042,7 @@ impl ExecState {
             );
             let bytes = codec::encode(&task)?;
             tracing::debug!(run_id = %self.run.run_id, seq, attempt = p.attempt, activity = %p.activity, "dispatching task");
+            stage!("task.dispatch", run = %self.run.run_id, seq = *seq, attempt = p.attempt, activity = %p.activity);
             let publish =
                 self.rt
                     .streams

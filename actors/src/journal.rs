@@ -763,6 +763,8 @@ impl Writer {
     /// published while redb syncs (see [`commit`]), then answers each request: written
     /// requests only once both stores hold them.
     async fn commit_group(&mut self, group: Vec<Write>) {
+        let began = std::time::Instant::now();
+        let writes = group.len();
         let store = self.db.clone();
         let number = self.next_group;
         let framing = self.mirror.as_ref().map(|m| Framing {
@@ -770,16 +772,34 @@ impl Writer {
             limit: m.streams.js_max_payload(),
         });
         let (early_tx, early_rx) = oneshot::channel::<Vec<u8>>();
-        let committing = tokio::task::spawn_blocking(move || match store.get() {
-            Ok(db) => commit(&db, group, number, framing.as_ref(), early_tx),
-            Err(e) => Err((group, e)),
-        });
+        let committing = async {
+            let committed = tokio::task::spawn_blocking(move || match store.get() {
+                Ok(db) => commit(&db, group, number, framing.as_ref(), early_tx),
+                Err(e) => Err((group, e)),
+            })
+            .await;
+            (committed, began.elapsed())
+        };
         let publishing = async {
             let bytes = early_rx.await.ok()?;
             let m = self.mirror.as_ref()?;
-            Some(publish_part(&m.streams, &m.subject, bytes, m.head).await)
+            let sent = std::time::Instant::now();
+            let stored = publish_part(&m.streams, &m.subject, bytes, m.head).await;
+            Some((stored, sent - began, sent.elapsed()))
         };
-        let (committed, early) = tokio::join!(committing, publishing);
+        let ((committed, redb), early) = tokio::join!(committing, publishing);
+        // Where a group's time goes: redb's transaction (with its fsync) and the mirror's
+        // publish (from when the transaction handed it over), which overlap.
+        if let Some((_, handed, mirror)) = &early {
+            stage!(
+                "journal.group",
+                writes,
+                redb_us = redb.as_micros() as u64,
+                mirror_after_us = handed.as_micros() as u64,
+                mirror_us = mirror.as_micros() as u64
+            );
+        }
+        let early = early.map(|(stored, _, _)| stored);
         let (group, outcomes, mirrored) = match committed {
             Ok(Ok(x)) => x,
             Ok(Err((group, e))) => {
@@ -826,7 +846,13 @@ impl Writer {
         answer(appends, stored.as_ref().err().cloned());
         // Then the starts, now that redb has decided them.
         if stored.is_ok() && !mirrored.starts.is_empty() {
+            let sent = std::time::Instant::now();
             stored = self.publish_parts(mirrored.starts).await;
+            stage!(
+                "journal.starts",
+                redb_us = redb.as_micros() as u64,
+                mirror_us = sent.elapsed().as_micros() as u64
+            );
             if let Err(e) = &stored {
                 self.mirror_failed(e, number);
             }

@@ -15,6 +15,17 @@
 //! - [`batching`]: dynamic batching of concurrent activity attempts inside a worker (one
 //!   model forward pass for many workflows' activities).
 
+/// Emits a per-stage timing event: target `baton::stage`, level TRACE, the stage's name as
+/// its message and the run, step and attempt it concerns as fields. Off unless a
+/// subscriber enables it (`RUST_LOG=warn,baton::stage=trace`), when it costs a level check;
+/// `baton-loadgen --stages` turns it on in the `baton dev` it spawns and reads the events
+/// back to say where each step's time goes.
+macro_rules! stage {
+    ($name:literal, $($field:tt)+) => {
+        tracing::trace!(target: "baton::stage", $($field)+, $name)
+    };
+}
+
 mod activity;
 pub mod batching;
 mod context;

@@ -343,7 +343,12 @@ async fn on_report(rt: Arc<Runtime>, client: Client, message: async_nats::Messag
         return;
     };
     let answer = match codec::decode::<ActivityReport>(&message.payload) {
-        Ok(report) => apply_report(&rt, report).await,
+        Ok(report) => {
+            stage!("report.received", run = %report.run_id, seq = report.seq, attempt = report.attempt);
+            let answer = apply_report(&rt, &report).await;
+            stage!("report.answered", run = %report.run_id, seq = report.seq, attempt = report.attempt);
+            answer
+        }
         Err(e) => {
             // Nothing to record: settled, so the worker does not ask again for ever.
             tracing::error!(subject = %message.subject, error = %e, "malformed report dropped");
@@ -368,7 +373,7 @@ async fn on_report(rt: Arc<Runtime>, client: Client, message: async_nats::Messag
 }
 
 /// Hands a report to its run's execution; settled once journaled or known stale.
-async fn apply_report(rt: &Arc<Runtime>, report: ActivityReport) -> ReportAck {
+async fn apply_report(rt: &Arc<Runtime>, report: &ActivityReport) -> ReportAck {
     let outcome = match rt.find_execution(&report.run_id).await {
         Some(actor) => match ractor::call_t!(actor, ExecMsg::Report, 30_000, report.clone()) {
             Ok(Ok(())) => Ok(()),
@@ -538,6 +543,7 @@ fn handle_start(
             }
             None => format!("{workflow_type}-{}", uuid::Uuid::new_v4().simple()),
         };
+        stage!("start.received", workflow = %workflow_id);
         let input = match Payload::encode(&request.input) {
             Ok(p) => p,
             Err(e) => return Reply::err(format, ErrorCode::BadRequest, e.to_string()),
@@ -983,6 +989,7 @@ async fn result(rt: &Runtime, req: ResultRequest, f: Format) -> Reply {
         });
         let running = matches!(&reply.body, Ok(v) if v.get("status").and_then(|s| s.as_str()) == Some("running"));
         if !running {
+            stage!("result.sent", workflow = %req.workflow_id);
             return reply;
         }
         // Wait for this workflow to close, or the deadline.

@@ -361,9 +361,9 @@ struct Running {
 /// sent them, off the pool actor: a put is an fsync'd JetStream write, and a pool that
 /// awaited it would hold every other slot's start, heartbeat and result behind it. Details
 /// sent while a put is under way are coalesced to the latest (only the last one is ever
-/// read: by a later attempt, to resume). The attempt's report waits for [`Self::flush`], so
-/// details are durable before the orchestrator learns the attempt ended and can start
-/// another.
+/// read: by a later attempt, to resume). A failed attempt's report waits for
+/// [`Self::flush`], so its details are durable before the orchestrator learns it failed
+/// and can start another.
 struct DetailsWriter {
     tx: tokio::sync::mpsc::UnboundedSender<Payload>,
     done: tokio::task::JoinHandle<()>,
@@ -676,6 +676,7 @@ async fn start_task(
             return Ok(());
         }
     };
+    stage!("task.received", run = %task.run_id, seq = task.seq, attempt = task.attempt);
     let Some(f): Option<ActivityFn> = state.args.registry.activity_fn(&task.activity).cloned()
     else {
         tracing::error!(activity = %task.activity, "task for an activity this worker does not have");
@@ -732,13 +733,19 @@ async fn start_task(
         key,
         pool: myself.clone(),
         // Activities that heartbeat may resume from the details an earlier attempt stored;
-        // the runner reads them, so the pool does not wait on the read.
-        resume: task.heartbeat_timeout_ms.map(|_| {
-            (
-                state.args.streams.heartbeats.clone(),
-                heartbeat_key(&task.run_id, task.seq),
-            )
-        }),
+        // the runner reads them, so the pool does not wait on the read. A first attempt
+        // delivered for the first time has none to read (unless a NATS server restart lost
+        // its task while it ran and the orchestrator published it again: it then starts
+        // over, which an activity must allow; resuming only saves work).
+        resume: task
+            .heartbeat_timeout_ms
+            .filter(|_| task.attempt > 1 || delivered > 1)
+            .map(|_| {
+                (
+                    state.args.streams.heartbeats.clone(),
+                    heartbeat_key(&task.run_id, task.seq),
+                )
+            }),
     };
     // The orchestrator watches this attempt's start and heartbeats: tell it it started.
     let watched = task.liveness || task.heartbeat_timeout_ms.is_some();
@@ -802,9 +809,10 @@ const REPORT_RETRY_MAX: Duration = Duration::from_secs(2);
 /// `TASK_ACK_WAIT`).
 const REPORT_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// Hands an attempt's outcome to a reporter task, which waits until the attempt's heartbeat
-/// details are stored, asks the orchestrator to record the outcome and then acks the task
-/// (see [`report_and_ack`]). The pool goes on at once: the slot is free.
+/// Hands an attempt's outcome to a reporter task, which (for a failed attempt) waits until
+/// the attempt's heartbeat details are stored, asks the orchestrator to record the outcome
+/// and then acks the task (see [`report_and_ack`]). The pool goes on at once: the slot is
+/// free.
 fn finish(
     state: &PoolState,
     task: ActivityTask,
@@ -844,6 +852,9 @@ fn finish(
         ActivityOutcome::Completed { .. } => "completed",
         ActivityOutcome::Failed { .. } => "failed",
     };
+    // Only a failed attempt's details are read again (its retry resumes from them): the
+    // report of a completed one does not wait for them (their writer finishes alone).
+    let details = details.filter(|_| outcome == "failed");
     let client = state.args.streams.js.client();
     let reporting = state.args.reporting.clone();
     let mut starts = state.args.orchestrator_starts.clone();
@@ -864,8 +875,8 @@ fn finish(
 /// waits here, held in memory: if this process dies first, the unacked task is redelivered
 /// and the attempt runs again. A node that took the request and died never answers: when
 /// `starts` says an orchestrator node started meanwhile, the report is asked again at once
-/// (asking twice is harmless: a recorded report is answered settled). First it waits until
-/// the attempt's heartbeat details are stored, so a later attempt resumes from the last.
+/// (asking twice is harmless: a recorded report is answered settled). First, given a failed
+/// attempt's `details`, it waits until they are stored, so the retry resumes from the last.
 async fn report_and_ack(
     client: &async_nats::Client,
     task: &ActivityTask,
@@ -884,6 +895,7 @@ async fn report_and_ack(
         with_progress(details.flush(), message, &mut progress).await;
     }
     for tries in 1u32.. {
+        stage!("report.sent", run = %task.run_id, seq = task.seq, attempt = task.attempt);
         let mut node_started = false;
         let ask = faults::call("report request", async {
             let request = tokio::time::timeout(
@@ -1074,7 +1086,18 @@ impl Actor for Runner {
             }
             None => args.ctx,
         };
+        // The step's key, copied only when stage timings are on.
+        let step = tracing::enabled!(target: "baton::stage", tracing::Level::TRACE).then(|| {
+            let info = ctx.info();
+            (info.run_id.clone(), info.seq, info.attempt)
+        });
+        if let Some((run, seq, attempt)) = &step {
+            stage!("activity.start", run = %run, seq = *seq, attempt = *attempt);
+        }
         let result = (args.f)(ctx, args.input).await;
+        if let Some((run, seq, attempt)) = &step {
+            stage!("activity.end", run = %run, seq = *seq, attempt = *attempt);
+        }
         let _ = args.pool.send_message(PoolMsg::Finished {
             key: args.key,
             result,

@@ -1,7 +1,10 @@
 //! Support for Baton's benchmarks: child processes killed on drop, process statistics
-//! from `/proc` and percentiles.
+//! from `/proc`, percentiles, and the per-stage timings of `baton-loadgen --stages`
+//! ([`stages`]).
 
 use std::path::Path;
+
+pub mod stages;
 
 /// A child process killed (SIGKILL) and reaped when dropped: a bench that fails half-way
 /// leaves no server behind.

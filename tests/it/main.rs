@@ -11,3 +11,4 @@ mod mirror;
 mod pipeline;
 mod runtime;
 mod semantics;
+mod stages;

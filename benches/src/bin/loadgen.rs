@@ -15,6 +15,11 @@
 //! core, at most 4, a lone call spread over them) on the same texts in batches of 32, one
 //! call at a time, while Baton is idle: texts/s through the workflow vs texts/s of the bare
 //! embedder, as a ratio measured in one run.
+//!
+//! With `--stages`, the spawned dev logs its `baton::stage` events and, per workload and
+//! concurrency, the load generator prints where a step's time goes (task queue, worker,
+//! activity, report, journal, next dispatch; the start and the result; the journal's
+//! group commits), median and p90 over the measured workflows ([`baton_benches::stages`]).
 
 use std::{
     collections::HashMap,
@@ -29,7 +34,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer::pull, stream};
-use baton_benches::{KillOnDrop, children, median, percentile, proc_stats};
+use baton_benches::{
+    KillOnDrop, children, median, percentile, proc_stats,
+    stages::{self, Stage},
+};
 use baton_gpu_kernels::{Embedder, EmbedderConfig};
 use clap::Parser;
 use futures::StreamExt;
@@ -85,6 +93,11 @@ struct Args {
     /// `--compare-bare-embedder`).
     #[arg(long, env = "BATON_HOME", default_value = ".baton")]
     baton_home: PathBuf,
+    /// Have the spawned dev log its per-stage timing events (`baton::stage`) and print,
+    /// per workload and concurrency, where a step's time goes (median and p90 of each
+    /// stage over the measured workflows). Logging them slows the dev a little.
+    #[arg(long)]
+    stages: bool,
 }
 
 /// One concurrency level of `--compare-bare-embedder`: per run, in run order.
@@ -180,6 +193,8 @@ struct Dev {
     child: KillOnDrop,
     _dir: tempfile::TempDir,
     url: String,
+    /// The dev's log (its stderr).
+    log: PathBuf,
 }
 
 fn spawn_dev(args: &Args, gpu_max_batch: Option<usize>) -> anyhow::Result<Dev> {
@@ -200,17 +215,25 @@ fn spawn_dev(args: &Args, gpu_max_batch: Option<usize>) -> anyhow::Result<Dev> {
     if let Some(b) = gpu_max_batch {
         command.args(["--gpu-max-batch", &b.to_string()]);
     }
+    let filter = if args.stages {
+        "warn,baton::stage=trace"
+    } else {
+        "warn"
+    };
+    let log = dir.path().join("dev.log");
     let child = command
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", filter)
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("dev.log"))?)
+        .stderr(std::fs::File::create(&log)?)
         .spawn()
         .with_context(|| format!("spawning {}", bin.display()))?;
     Ok(Dev {
         child: KillOnDrop(child),
         _dir: dir,
         url: format!("nats://127.0.0.1:{port}"),
+        log,
     })
 }
 
@@ -478,6 +501,62 @@ async fn raw_round_trip(
     ))
 }
 
+/// Microseconds since the Unix epoch, the clock of the dev's log lines.
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The stages of the steps dispatched within `windows`, from the dev's log.
+fn read_stages(log: &std::path::Path, windows: &[(i64, i64)]) -> anyhow::Result<Vec<Stage>> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let events: Vec<_> = text.lines().filter_map(stages::parse_line).collect();
+    if events.is_empty() {
+        bail!(
+            "no baton::stage events in {}: is the baton binary older than --stages?",
+            log.display()
+        );
+    }
+    Ok(stages::analyze(&events, windows))
+}
+
+fn stages_json(stages: &[Stage]) -> Value {
+    Value::Array(
+        stages
+            .iter()
+            .filter_map(|s| {
+                let (p50, p90) = s.summary()?;
+                Some(json!({"stage": s.name.trim(), "covers": s.covers, "n": s.us.len(), "p50_us": p50, "p90_us": p90}))
+            })
+            .collect(),
+    )
+}
+
+fn print_stages(workload: &str, c: usize, stages: &[Stage]) {
+    println!(
+        "
+where the time goes: {workload} at C={c} (µs; the measured workflows of every run)"
+    );
+    println!(
+        "{:<36} {:>7} {:>9} {:>9}  covers",
+        "stage", "n", "p50", "p90"
+    );
+    for s in stages {
+        if let Some((p50, p90)) = s.summary() {
+            println!(
+                "{:<36} {:>7} {:>9.0} {:>9.0}  {}",
+                s.name,
+                s.us.len(),
+                p50,
+                p90,
+                s.covers
+            );
+        }
+    }
+}
+
 fn fmt_range(values: &[f64], digits: usize) -> String {
     let min = values.iter().copied().fold(f64::INFINITY, f64::min);
     let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -576,6 +655,9 @@ async fn measure(
     bare: Option<&Arc<Embedder>>,
     gpu_max_batch: Option<usize>,
 ) -> anyhow::Result<Value> {
+    if args.stages && args.nats_url.is_some() {
+        bail!("--stages reads the log of the dev it spawns: leave out --nats-url");
+    }
     let dev = match &args.nats_url {
         Some(_) => None,
         None => Some(spawn_dev(args, gpu_max_batch)?),
@@ -642,6 +724,7 @@ async fn measure(
         "of it nats-server"
     );
     let mut comparisons = Vec::new();
+    let mut stage_tables = Vec::new();
     for workload in &args.workload {
         let bare = bare.filter(|_| workload == "batch_embed");
         for &c in &args.concurrency {
@@ -649,13 +732,16 @@ async fn measure(
                 (vec![], vec![], vec![], vec![], vec![]);
             let (mut bare_tput, mut bare_cpu, mut client_cpu, mut nats_cpu) =
                 (vec![], vec![], vec![], vec![]);
+            let mut windows = Vec::new();
             for run in 0..args.runs {
                 let prefix = format!("{prefix_base}-{workload}-{c}-{run}");
                 closed_loop(&nc, workload, &format!("{prefix}-w"), c, args.warmup).await?;
                 let (cpu0, _) = baton_cpu(&pids);
                 let (nats0, _) = baton_cpu(pids.get(1..).unwrap_or_default());
                 let own0 = own_cpu_s();
+                let began = now_us();
                 let (elapsed, lat) = closed_loop(&nc, workload, &prefix, c, args.workflows).await?;
+                windows.push((began, now_us()));
                 let own1 = own_cpu_s();
                 let (cpu1, _) = baton_cpu(&pids);
                 let (nats1, _) = baton_cpu(pids.get(1..).unwrap_or_default());
@@ -705,7 +791,15 @@ async fn measure(
                 cpu_s,
                 nats_s
             );
-            report.push(json!({"workload": workload, "concurrency": c, "workflows_per_s": tput, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "cpu_ms_per_workflow": cpu, "nats_server_cpu_ms_per_workflow": nats_cpu}));
+            let mut point = json!({"workload": workload, "concurrency": c, "workflows_per_s": tput, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "cpu_ms_per_workflow": cpu, "nats_server_cpu_ms_per_workflow": nats_cpu});
+            if let Some(d) = dev.as_ref().filter(|_| args.stages) {
+                // The dev writes its events as they happen: give the last ones a moment.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let stages = read_stages(&d.log, &windows)?;
+                point["stages"] = stages_json(&stages);
+                stage_tables.push((workload.clone(), c, stages));
+            }
+            report.push(point);
         }
     }
     if !comparisons.is_empty() {
@@ -752,6 +846,9 @@ async fn measure(
         report.push(
             json!({"workload": "batch_embed", "bare_embedder_comparison": comparison_report}),
         );
+    }
+    for (workload, c, stages) in &stage_tables {
+        print_stages(workload, *c, stages);
     }
     let (_, rss) = baton_cpu(&pids);
     if !pids.is_empty() {
