@@ -536,8 +536,7 @@ fn stages_json(stages: &[Stage]) -> Value {
 
 fn print_stages(workload: &str, c: usize, stages: &[Stage]) {
     println!(
-        "
-where the time goes: {workload} at C={c} (µs; the measured workflows of every run)"
+        "\nwhere the time goes: {workload} at C={c} (µs; the measured workflows of every run)"
     );
     println!(
         "{:<36} {:>7} {:>9} {:>9}  covers",
