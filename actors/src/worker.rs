@@ -854,7 +854,7 @@ fn finish(
     };
     // Only a failed attempt's details are read again (its retry resumes from them): the
     // report of a completed one does not wait for them (their writer finishes alone).
-    let details = details.filter(|_| outcome == "failed");
+    let details = details.filter(|_| matches!(report.outcome, ActivityOutcome::Failed { .. }));
     let client = state.args.streams.js.client();
     let reporting = state.args.reporting.clone();
     let mut starts = state.args.orchestrator_starts.clone();

@@ -443,15 +443,17 @@ mod tests {
         fn s(seq: &'static str) -> [(&'static str, &'static str); 3] {
             [("run", "r"), ("seq", seq), ("attempt", "1")]
         }
+        // A dispatch also names the activity.
+        let dispatch = |t, activity, seq| {
+            let mut e = ev(t, "task.dispatch", &s(seq));
+            e.fields.insert("activity".into(), String::from(activity));
+            e
+        };
         let w = [("workflow", "w"), ("run", "r")];
         let events = vec![
             ev(0, "start.received", &[("workflow", "w")]),
             ev(900, "start.committed", &w),
-            ev(
-                1_000,
-                "task.dispatch",
-                &[("activity", "a"), s("0")[0], s("0")[1], s("0")[2]],
-            ),
+            dispatch(1_000, "a", "0"),
             ev(1_200, "task.received", &s("0")),
             ev(1_230, "activity.start", &s("0")),
             ev(1_240, "activity.end", &s("0")),
@@ -474,11 +476,7 @@ mod tests {
                 &[("redb_us", "500"), ("mirror_us", "400")],
             ),
             ev(1_980, "journal.appended", &[("run", "r")]),
-            ev(
-                2_000,
-                "task.dispatch",
-                &[("activity", "b"), s("1")[0], s("1")[1], s("1")[2]],
-            ),
+            dispatch(2_000, "b", "1"),
             ev(2_150, "report.answered", &s("0")),
             ev(2_200, "task.received", &s("1")),
             ev(2_300, "report.received", &s("1")),
